@@ -1,0 +1,18 @@
+"""ddpm-jax: the article's DDPM in JAX/Flax NNX (NHWC), with weight conversion from and to its PyTorch code."""
+
+from ddpm_jax.convert import ModelConfig, build_model, load_model, save_model
+from ddpm_jax.schedules import Schedule, make_schedule
+from ddpm_jax.unets import UNETS, AttentionUNet, OneResUNet, TwoResUNet
+
+__all__ = [
+    "AttentionUNet",
+    "ModelConfig",
+    "OneResUNet",
+    "Schedule",
+    "TwoResUNet",
+    "UNETS",
+    "build_model",
+    "load_model",
+    "make_schedule",
+    "save_model",
+]

@@ -1,0 +1,333 @@
+"""Weights between the reference (torch, NCHW) and the Flax U-Nets (NHWC), checkpoint formats, CLI.
+
+A Flax parameter's path, with NNX's `layers` level of Sequential dropped and `kernel`/`scale` read as
+`weight`, is the torch `state_dict` key. What is transposed, and nothing else:
+  - conv kernels: torch OIHW <-> flax HWIO  (`transpose(2, 3, 1, 0)`, inverse `transpose(3, 2, 0, 1)`)
+  - linear weights: torch (out, in) <-> flax (in, out)  (`.T`)
+Biases and GroupNorm scales are copied. Key sets and every shape are checked before anything is copied,
+and one error lists every mismatch.
+
+    python -m ddpm_jax.convert to-flax article_checkpoint.pt flax_model/
+    python -m ddpm_jax.convert to-torch flax_model/ unet.pt
+"""
+
+import argparse
+import dataclasses
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ddpm_jax.unets import UNETS
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+# Schedule buffers a reference DiffusionModel adds to its state_dict next to `model.*`.
+DIFFUSION_BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_recip_alphas",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "posterior_variance",
+    }
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot become a model; the message says which file and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a U-Net; saved as model.json beside its weights."""
+
+    variant: str = "TwoResUNet"  # OneResUNet | TwoResUNet | AttentionUNet
+    dim: int = 64  # channels of the first level; the time embedding has 4 * dim
+    init_dim: int | None = None  # channels after the stem conv (None: dim)
+    out_dim: int | None = None  # output channels (None: channels)
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)  # channels of level i are dim * dim_mults[i]
+    channels: int = 3  # image channels
+    sinusoidal_pos_emb_theta: int = 10000  # base of the sinusoidal time embedding
+
+    def __post_init__(self):
+        if self.variant not in UNETS:
+            raise ValueError(f"unknown model {self.variant!r}; expected one of {sorted(UNETS)}")
+        object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+
+def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None) -> nnx.Module:
+    """A U-Net for `config`: initialised from `rngs`, or abstract (shapes only) when rngs is None."""
+    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
+
+    def make(r):
+        return UNETS[config.variant](**kwargs, rngs=r, dtype=dtype)
+
+    if rngs is None:
+        return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    return make(rngs)
+
+
+def torch_key(path: tuple) -> str:
+    """The torch state_dict key of a Flax parameter path."""
+    parts = [str(p) for p in path if p != "layers"]
+    if parts[-1] in ("kernel", "scale"):
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def _to_torch_layout(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 4:
+        return a.transpose(3, 2, 0, 1)
+    if a.ndim == 2:
+        return a.T
+    return a
+
+
+def _to_flax_layout(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 4:
+        return a.transpose(2, 3, 1, 0)
+    if a.ndim == 2:
+        return a.T
+    return a
+
+
+def _flat_params(model: nnx.Module):
+    return nnx.to_flat_state(nnx.state(model, nnx.Param))
+
+
+def to_torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's weights as a reference state_dict (numpy arrays, torch layout, contiguous)."""
+    return {
+        torch_key(path): np.ascontiguousarray(_to_torch_layout(np.asarray(var.get_value())))
+        for path, var in _flat_params(model)
+    }
+
+
+def load_torch_state(model: nnx.Module, state: dict[str, np.ndarray], source: str = "state_dict") -> nnx.Module:
+    """Copy a reference state_dict into `model` (may be abstract); strict: one error lists every mismatch."""
+    flat = _flat_params(model)
+    expected = {torch_key(path): tuple(_to_torch_layout(np.empty(var.shape)).shape) for path, var in flat}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise ConversionError("\n".join(lines))
+    params = nnx.State.from_flat_path(
+        {path: jax.numpy.asarray(_to_flax_layout(np.asarray(state[torch_key(path)], dtype=np.float32))) for path, _ in flat}
+    )
+    nnx.update(model, params)
+    return model
+
+
+def infer_config(state: dict[str, np.ndarray], source: str = "state_dict") -> ModelConfig:
+    """Read variant, dim, init_dim, out_dim, dim_mults and channels off a reference state_dict's shapes."""
+
+    def shape(key):
+        if key not in state:
+            raise ConversionError(
+                f"{source}: cannot infer the U-Net architecture, key {key!r} is missing "
+                f"(expected a state_dict of the article's OneResUNet/TwoResUNet/AttentionUNet)"
+            )
+        return tuple(state[key].shape)
+
+    init_dim, channels = shape("init_conv.weight")[:2]
+    dim = shape("time_mlp.1.weight")[1]
+    out_dim = shape("final_conv.weight")[0]
+    levels = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("downs.")), default=-1)
+    if levels < 1:
+        shape("downs.0.0.in_conv.weight")
+    level_dims = [shape(f"downs.{i}.2.net.1.weight")[0] for i in range(levels - 1)]
+    level_dims.append(shape(f"downs.{levels - 1}.2.weight")[0])
+    if any(d % dim for d in level_dims):
+        raise ConversionError(f"{source}: level widths {level_dims} are not multiples of dim={dim}")
+    if "ups.0.0.gate_conv.weight" in state:
+        variant = "AttentionUNet"
+    elif shape("ups.0.1.in_conv.weight")[0] == shape("ups.0.0.in_conv.weight")[0]:
+        variant = "TwoResUNet"
+    else:
+        variant = "OneResUNet"
+    return ModelConfig(
+        variant=variant,
+        dim=dim,
+        init_dim=init_dim,
+        out_dim=out_dim,
+        dim_mults=tuple(d // dim for d in level_dims),
+        channels=channels,
+    )
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def unet_state_from_checkpoint(obj, *, ema: bool = True, source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """The U-Net weights inside a loaded torch object: a U-Net state_dict, a DiffusionModel state_dict
+    (`model.*` plus schedule buffers), or the article trainer's {"step", "model", "opt", "ema", "version"}."""
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{source}: expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
+    if "model" in obj and isinstance(obj["model"], dict):
+        if ema:
+            if not isinstance(obj.get("ema"), dict):
+                raise ConversionError(
+                    f"{source}: trainer checkpoint has no 'ema' weights; load the raw weights with ema=False "
+                    f"(CLI: --no-ema)"
+                )
+            obj = _strip(obj["ema"], "ema_model.")
+        else:
+            obj = obj["model"]
+    if any(k.startswith("model.") for k in obj):
+        obj = {k: v for k, v in obj.items() if k not in DIFFUSION_BUFFERS}
+        obj = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in obj.items()}
+    state = {}
+    for k, v in obj.items():
+        if not hasattr(v, "detach"):
+            raise ConversionError(f"{source}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+        state[k] = v.detach().cpu().float().numpy()
+    return state
+
+
+def read_torch_file(path) -> object:
+    """torch.load with weights_only=True; a clear error for a missing, foreign or unsafe file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers, which "
+            f"weights_only=True does not run (only load checkpoints you trust). Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except Exception as e:
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_model(model: nnx.Module, config: ModelConfig, out_dir) -> Path:
+    """Write the project's model directory: model.json and an Orbax checkpoint of the parameters."""
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out_dir / PARAMS_DIR, nnx.state(model, nnx.Param).to_pure_dict(), force=True)
+    (out_dir / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return out_dir
+
+
+def read_model_config(directory) -> ModelConfig:
+    path = Path(directory) / MODEL_JSON
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: not a valid model config ({e})") from None
+
+
+def restore_params(model: nnx.Module, params_dir, source: str) -> nnx.Module:
+    """Fill `model` (may be abstract) from an Orbax checkpoint of its parameters' pure dict."""
+    import orbax.checkpoint as ocp
+
+    target = nnx.state(model, nnx.Param)
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), target.to_pure_dict())
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(Path(params_dir).absolute(), abstract)
+    except Exception as e:
+        raise ConversionError(f"{source}: cannot restore parameters from {params_dir} ({type(e).__name__}: {e})") from None
+    nnx.replace_by_pure_dict(target, restored)
+    nnx.update(model, target)
+    return model
+
+
+def load_model(path, *, ema: bool = True, dtype=None) -> nnx.Module:
+    """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, from any supported checkpoint.
+
+    `path` is a torch file (.pt/.pth: a U-Net state_dict, a DiffusionModel state_dict, or the article
+    trainer's checkpoint, whose EMA weights are taken unless ema=False) or a model directory written by
+    this project. The architecture is read from the weights; nothing has to be passed by hand.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():
+            model = build_model(read_model_config(path), dtype=dtype)
+            return restore_params(model, path / PARAMS_DIR, str(path))
+        raise ConversionError(
+            f"{path}: not a model directory (expected {MODEL_JSON} and {PARAMS_DIR}/ written by "
+            f"`python -m ddpm_jax.convert to-flax` or save_model)"
+        )
+    state = unet_state_from_checkpoint(read_torch_file(path), ema=ema, source=str(path))
+    model = build_model(infer_config(state, str(path)), dtype=dtype)
+    return load_torch_state(model, state, str(path))
+
+
+def config_of(model: nnx.Module) -> ModelConfig:
+    """The ModelConfig that rebuilds `model`, read off its weights."""
+    return infer_config(to_torch_state(model), type(model).__name__)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm_jax.convert",
+        description="Convert U-Net weights between the article's PyTorch checkpoints and this project's Flax models.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_flax = sub.add_parser(
+        "to-flax", help="torch checkpoint -> Flax model directory (model.json + Orbax params)"
+    )
+    to_flax.add_argument("input", help="a .pt/.pth: U-Net or DiffusionModel state_dict, or the article trainer's checkpoint")
+    to_flax.add_argument("output", help="directory to write (created if needed)")
+    to_flax.add_argument(
+        "--no-ema", dest="ema", action="store_false", help="from a trainer checkpoint, take the raw weights, not the EMA"
+    )
+    to_torch = sub.add_parser("to-torch", help="any checkpoint -> a U-Net state_dict .pt for the reference model")
+    to_torch.add_argument("input", help="a Flax model directory or any checkpoint that to-flax accepts")
+    to_torch.add_argument("output", help="the .pt file to write; loads with load_state_dict(strict=True)")
+    to_torch.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw weights, not the EMA")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.input, ema=args.ema)
+        config = config_of(model)
+        if args.command == "to-flax":
+            out = save_model(model, config, args.output)
+        else:
+            import torch
+
+            out = Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: torch.from_numpy(v) for k, v in to_torch_state(model).items()}, out)
+    except (ConversionError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

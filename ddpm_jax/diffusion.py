@@ -1,0 +1,169 @@
+"""Pure diffusion math: forward noising, the training loss, DDPM and DDIM reverse steps, whole samplers.
+
+Every function takes the Schedule pytree and explicit arrays or keys, so all of it jit-compiles; the
+model is any callable `eps_BHWC = model(x_BHWC, t_B)`. The samplers run every step inside one
+compiled program (`lax.scan`).
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ddpm_jax.schedules import Schedule
+
+LOSSES = ("l2", "l1")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _extract(a_T, t_B, ndim):
+    """a[t] per batch element, shaped to broadcast against an array of rank `ndim`."""
+    return a_T[t_B].reshape((-1,) + (1,) * (ndim - 1))
+
+
+def q_sample(schedule: Schedule, x0_BHWC, t_B, noise_BHWC):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    return (
+        _extract(schedule.sqrt_alphas_cumprod, t_B, x0_BHWC.ndim) * x0_BHWC
+        + _extract(schedule.sqrt_one_minus_alphas_cumprod, t_B, x0_BHWC.ndim) * noise_BHWC
+    )
+
+
+def p_loss(model, schedule: Schedule, x0_BHWC, t_B, noise_BHWC, loss_type: str = "l2"):
+    """Mean l2 (or l1) between the true noise and the model's prediction of it from x_t."""
+    predicted_noise = model(q_sample(schedule, x0_BHWC, t_B, noise_BHWC), t_B)
+    diff = noise_BHWC - predicted_noise.astype(noise_BHWC.dtype)
+    if loss_type == "l2":
+        return jnp.mean(diff**2)
+    if loss_type == "l1":
+        return jnp.mean(jnp.abs(diff))
+    raise ValueError(f"unknown loss type {loss_type!r}; expected one of {LOSSES}")
+
+
+def training_loss(model, schedule: Schedule, x0_BHWC, key, loss_type: str = "l2"):
+    """DDPM's Algorithm 1: one uniform t per sample and fresh Gaussian noise, both drawn from `key`."""
+    t_key, noise_key = jax.random.split(key)
+    t_B = jax.random.randint(t_key, x0_BHWC.shape[:1], 0, schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, x0_BHWC.shape, x0_BHWC.dtype)
+    return p_loss(model, schedule, x0_BHWC, t_B, noise, loss_type)
+
+
+def ddpm_step(schedule: Schedule, eps_BHWC, x_BHWC, t, noise_BHWC):
+    """x_t -> x_{t-1} given the predicted noise; `t` is one (possibly traced) integer for the batch."""
+    t_B = jnp.full(x_BHWC.shape[:1], t, dtype=jnp.int32)
+    betas_t = _extract(schedule.betas, t_B, x_BHWC.ndim)
+    sqrt_recip_alphas_t = _extract(schedule.sqrt_recip_alphas, t_B, x_BHWC.ndim)
+    sqrt_one_minus_alphas_cumprod_t = _extract(schedule.sqrt_one_minus_alphas_cumprod, t_B, x_BHWC.ndim)
+    predicted_mean = sqrt_recip_alphas_t * (x_BHWC - betas_t * eps_BHWC / sqrt_one_minus_alphas_cumprod_t)
+    posterior_variance_t = _extract(schedule.posterior_variance, t_B, x_BHWC.ndim)
+    return jnp.where(t == 0, predicted_mean, predicted_mean + jnp.sqrt(posterior_variance_t) * noise_BHWC)
+
+
+def ddim_step(schedule: Schedule, eps_BHWC, x_BHWC, t, t_prev, eta, noise_BHWC, clip_denoised: bool = True):
+    """DDIM (Song et al. 2021, eq. 12) from t to t_prev < t; t_prev = -1 returns the estimate of x_0."""
+    alpha = schedule.alphas_cumprod[t]
+    x_start = (x_BHWC - jnp.sqrt(1 - alpha) * eps_BHWC) / jnp.sqrt(alpha)
+    if clip_denoised:
+        x_start = jnp.clip(x_start, -1.0, 1.0)
+        eps_BHWC = (x_BHWC - jnp.sqrt(alpha) * x_start) / jnp.sqrt(1 - alpha)
+    alpha_next = schedule.alphas_cumprod[jnp.maximum(t_prev, 0)]
+    sigma = eta * jnp.sqrt((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha))
+    c = jnp.sqrt(1 - alpha_next - sigma**2)
+    x_prev = x_start * jnp.sqrt(alpha_next) + c * eps_BHWC + sigma * noise_BHWC
+    return jnp.where(t_prev < 0, x_start, x_prev)
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> jnp.ndarray:
+    """Descending DDIM times ending at -1: floor(linspace(-1, T-1, steps+1)) reversed, in integer arithmetic."""
+    return jnp.asarray([i * num_timesteps // steps - 1 for i in range(steps, -1, -1)], dtype=jnp.int32)
+
+
+def _scan_sampler(step_fn, times, x_T, key, return_all_timesteps):
+    """Run `x = step_fn(x, t, t_next, noise)` over consecutive pairs of `times` in one lax.scan."""
+
+    def body(x, t_pair):
+        t, t_next = t_pair
+        noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+        x = step_fn(x, t, t_next, noise)
+        return x, (x if return_all_timesteps else None)
+
+    x_0, xs = jax.lax.scan(body, x_T, (times[:-1], times[1:]))
+    if return_all_timesteps:
+        return jnp.concatenate([x_T[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
+    return x_0
+
+
+def sample_loop(
+    model,
+    schedule: Schedule,
+    key,
+    shape,
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    return_all_timesteps: bool = False,
+    clip_denoised: bool = True,
+):
+    """Images in [0, 1] space (unclipped, as the reference's `unnormalize`) of shape `shape` (BHWC).
+
+    ddpm runs all T steps; ddim runs `steps` (default T). With return_all_timesteps the result has a
+    time axis after the batch holding x_T, ..., x_0. Call it under jit (see `sample`).
+    """
+    init_key, step_key = jax.random.split(key)
+    x_T = jax.random.normal(init_key, shape, jnp.float32)
+    T = schedule.num_timesteps
+
+    def eps(x, t):
+        return model(x, jnp.full(x.shape[:1], t, dtype=jnp.int32)).astype(x.dtype)
+
+    if sampler == "ddpm":
+        times = jnp.arange(T, -2, -1, dtype=jnp.int32)[:-1]  # T-1, ..., 0 and a dummy -1 successor
+
+        def step_fn(x, t, t_next, noise):
+            return ddpm_step(schedule, eps(x, t), x, t, noise)
+
+    elif sampler == "ddim":
+        times = ddim_timesteps(T, steps or T)
+
+        def step_fn(x, t, t_next, noise):
+            return ddim_step(schedule, eps(x, t), x, t, t_next, eta, noise, clip_denoised)
+
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    x = _scan_sampler(step_fn, times, x_T, step_key, return_all_timesteps)
+    return (x + 1) * 0.5
+
+
+@partial(jax.jit, static_argnames=("graphdef", "shape", "sampler", "steps", "return_all_timesteps"))
+def _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps):
+    model = nnx.merge(graphdef, state)
+    return sample_loop(
+        model,
+        schedule,
+        key,
+        shape,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        return_all_timesteps=return_all_timesteps,
+    )
+
+
+def sample(
+    model: nnx.Module,
+    schedule: Schedule,
+    key,
+    num_images: int,
+    image_size: int,
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    return_all_timesteps: bool = False,
+):
+    """Compile and run the whole sampler as one program; returns images in [0, 1] space, BHWC."""
+    graphdef, state = nnx.split(model)
+    shape = (num_images, image_size, image_size, model.channels)
+    return _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps)
