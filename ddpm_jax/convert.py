@@ -113,7 +113,7 @@ def _flat_params(model: nnx.Module):
 def to_torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's weights as a reference state_dict (numpy arrays, torch layout, contiguous)."""
     return {
-        torch_key(path): np.ascontiguousarray(_to_torch_layout(np.asarray(var.get_value())))
+        torch_key(path): np.array(_to_torch_layout(np.asarray(var.get_value())), order="C")
         for path, var in _flat_params(model)
     }
 
@@ -135,7 +135,7 @@ def load_torch_state(model: nnx.Module, state: dict[str, np.ndarray], source: st
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise ConversionError("\n".join(lines))
-    params = nnx.State.from_flat_path(
+    params = nnx.from_flat_state(
         {path: jax.numpy.asarray(_to_flax_layout(np.asarray(state[torch_key(path)], dtype=np.float32))) for path, _ in flat}
     )
     nnx.update(model, params)
@@ -234,7 +234,7 @@ def save_model(model: nnx.Module, config: ModelConfig, out_dir) -> Path:
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out_dir / PARAMS_DIR, nnx.state(model, nnx.Param).to_pure_dict(), force=True)
+        checkpointer.save(out_dir / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
     (out_dir / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     return out_dir
 
@@ -252,7 +252,7 @@ def restore_params(model: nnx.Module, params_dir, source: str) -> nnx.Module:
     import orbax.checkpoint as ocp
 
     target = nnx.state(model, nnx.Param)
-    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), target.to_pure_dict())
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(target))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(Path(params_dir).absolute(), abstract)

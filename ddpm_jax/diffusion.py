@@ -119,7 +119,7 @@ def sample_loop(
         return model(x, jnp.full(x.shape[:1], t, dtype=jnp.int32)).astype(x.dtype)
 
     if sampler == "ddpm":
-        times = jnp.arange(T, -2, -1, dtype=jnp.int32)[:-1]  # T-1, ..., 0 and a dummy -1 successor
+        times = jnp.arange(T - 1, -2, -1, dtype=jnp.int32)  # T-1, ..., 0, then -1 as the last successor
 
         def step_fn(x, t, t_next, noise):
             return ddpm_step(schedule, eps(x, t), x, t, noise)

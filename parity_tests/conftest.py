@@ -1,0 +1,63 @@
+"""Shared set-up of the parity suite: float32 everywhere, highest matmul precision, deterministic torch."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.use_deterministic_algorithms(True)
+
+import ddpm_torch  # noqa: E402
+from ddpm_jax.convert import build_model, infer_config, load_torch_state  # noqa: E402
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def torch_and_flax(variant: str, seed: int = 0, **kwargs):
+    """A seeded reference U-Net and the Flax U-Net holding its converted weights."""
+    torch.manual_seed(seed)
+    torch_model = ddpm_torch.UNETS[variant](**kwargs)
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    flax_model = load_torch_state(build_model(infer_config(state)), state)
+    return torch_model, flax_model
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """TwoResUNet dim 8, two levels: small enough for chained steps on two CPU cores."""
+    return torch_and_flax("TwoResUNet", dim=8, dim_mults=(1, 2))
+
+
+# Worst error seen per concern, printed at the end of the run so every run reports its margins.
+_WORST: dict[str, tuple[float, float, str]] = {}
+
+
+def check(concern: str, actual, expected, tolerance: float, metric: str = "abs") -> float:
+    """Assert `metric` error <= tolerance and record it. abs: max |a - e|; rel: max |a - e| / max |e|."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{concern}: shape {actual.shape} != {expected.shape}"
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{concern}: NaNs differ"
+    finite = ~np.isnan(expected)
+    error = float(np.abs(actual - expected)[finite].max(initial=0.0))
+    if metric == "rel":
+        scale = float(np.abs(expected)[finite].max(initial=0.0))
+        assert scale > 0, f"{concern}: the reference is all zeros, the comparison would prove nothing"
+        error /= scale
+    worst = _WORST.get(concern, (-1.0, tolerance, metric))
+    _WORST[concern] = (max(worst[0], error), tolerance, metric)
+    assert error <= tolerance, f"{concern}: {metric} error {error:.3e} > {tolerance:.0e}"
+    return error
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _WORST:
+        terminalreporter.section("parity: worst error per concern (float32, highest matmul precision)")
+        for concern, (error, tolerance, metric) in sorted(_WORST.items()):
+            terminalreporter.write_line(f"{concern:<34} {metric} {error:.2e}  (tolerance {tolerance:.0e})")

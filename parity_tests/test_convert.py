@@ -1,0 +1,144 @@
+"""Conversion round trips for every checkpoint format: torch -> flax -> torch is bit-exact."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ddpm_torch
+from ddpm_jax import load_model
+from ddpm_jax.convert import ConversionError, config_of, main, to_torch_state
+from ddpm_torch import DiffusionModel
+from parity_tests.conftest import check, nchw, nhwc
+
+ARCHITECTURES = [
+    ("OneResUNet", dict(dim=8, dim_mults=(1, 2, 4))),
+    ("TwoResUNet", dict(dim=16, dim_mults=(1, 2))),
+    ("AttentionUNet", dict(dim=8, init_dim=8, out_dim=1, dim_mults=(1, 2, 3), channels=1)),
+]
+
+
+def _unet(variant, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return ddpm_torch.UNETS[variant](**kwargs)
+
+
+def _assert_same_weights(expected: dict, actual: dict):
+    assert list(actual) == list(expected) or set(actual) == set(expected)
+    for key, value in expected.items():
+        got = actual[key]
+        got = got.numpy() if hasattr(got, "numpy") else got
+        assert got.shape == tuple(value.shape), key
+        assert np.array_equal(got, value.numpy()), f"{key} changed in the round trip"
+
+
+def _trainer_checkpoint(variant, kwargs):
+    """The article trainer's checkpoint layout, with EMA weights that differ from the raw ones."""
+    raw, ema = _unet(variant, 0, **kwargs), _unet(variant, 1, **kwargs)
+    model = DiffusionModel(raw, 16, timesteps=10)
+    ema_state = {f"ema_model.{k}": v for k, v in DiffusionModel(ema, 16, timesteps=10).state_dict().items()}
+    ema_state.update(initted=torch.tensor(True), step=torch.tensor(100))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4).state_dict()
+    return {"step": 100, "model": model.state_dict(), "opt": opt, "ema": ema_state, "version": "1.0"}, raw, ema
+
+
+@pytest.mark.parametrize("variant,kwargs", ARCHITECTURES)
+def test_plain_state_dict_round_trip_and_inference(tmp_path, variant, kwargs):
+    unet = _unet(variant, **kwargs)
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    model = load_model(tmp_path / "unet.pt")
+    config = config_of(model)
+    assert type(model).__name__ == variant
+    for name, value in kwargs.items():
+        assert getattr(config, name) == (tuple(value) if name == "dim_mults" else value), name
+    back = {k: torch.from_numpy(v) for k, v in to_torch_state(model).items()}
+    fresh = ddpm_torch.UNETS[variant](**kwargs)
+    fresh.load_state_dict(back, strict=True)
+    _assert_same_weights(unet.state_dict(), fresh.state_dict())
+
+
+@pytest.mark.parametrize("variant,kwargs", ARCHITECTURES[1:2])
+def test_diffusion_model_state_dict(tmp_path, variant, kwargs):
+    unet = _unet(variant, **kwargs)
+    torch.save(DiffusionModel(unet, 16, timesteps=50).state_dict(), tmp_path / "diffusion.pt")
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "diffusion.pt")))
+
+
+@pytest.mark.parametrize("variant,kwargs", ARCHITECTURES)
+def test_article_trainer_checkpoint_ema_and_raw(tmp_path, variant, kwargs):
+    checkpoint, raw, ema = _trainer_checkpoint(variant, kwargs)
+    torch.save(checkpoint, tmp_path / "model-37.pt")
+    _assert_same_weights(ema.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt")))
+    _assert_same_weights(raw.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt", ema=False)))
+
+
+def test_cli_to_flax_then_to_torch_is_bit_exact(tmp_path):
+    variant, kwargs = ARCHITECTURES[2]
+    checkpoint, _, ema = _trainer_checkpoint(variant, kwargs)
+    torch.save(checkpoint, tmp_path / "trainer.pt")
+    assert main(["to-flax", str(tmp_path / "trainer.pt"), str(tmp_path / "flax")]) == 0
+    assert (tmp_path / "flax" / "model.json").is_file()
+    flax_model = load_model(tmp_path / "flax")
+    assert main(["to-torch", str(tmp_path / "flax"), str(tmp_path / "back.pt")]) == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    fresh = ddpm_torch.UNETS[variant](**kwargs)
+    fresh.load_state_dict(back, strict=True)
+    _assert_same_weights(ema.state_dict(), fresh.state_dict())
+    # The directory's model computes what the reference computes.
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 800])
+    with torch.no_grad():
+        expected = ema(x, t).numpy()
+    check("forward", nchw(flax_model(jnp.asarray(nhwc(x)), jnp.asarray(t.numpy()))), expected, 1e-5)
+
+
+def test_mismatches_are_listed_together(tmp_path):
+    state = _unet("TwoResUNet", dim=8, dim_mults=(1, 2)).state_dict()
+    del state["mid_block1.in_conv.bias"]
+    del state["ups.1.2.bias"]
+    state["extra.weight"] = torch.zeros(3)
+    state["final_conv.bias"] = torch.zeros(5)
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ConversionError) as info:
+        load_model(tmp_path / "broken.pt")
+    message = str(info.value)
+    assert "broken.pt" in message
+    for key in ("mid_block1.in_conv.bias", "ups.1.2.bias", "extra.weight", "final_conv.bias: checkpoint (5,)"):
+        assert key in message
+
+
+def test_not_a_unet(tmp_path):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ConversionError, match="init_conv.weight"):
+        load_model(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ConversionError, match="not a PyTorch checkpoint"):
+        load_model(tmp_path / "text.pt")
+    with pytest.raises(ConversionError, match="no such file"):
+        load_model(tmp_path / "missing.pt")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, ("PAYLOAD_RAN", "w"))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"init_conv.weight": _Payload()}, tmp_path / "evil.pt")
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+    with pytest.raises(ConversionError, match="refused"):
+        load_model(tmp_path / "evil.pt")
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+
+
+def test_cli_bad_input_exits_2_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.convert", "to-flax", str(tmp_path / "missing.pt"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "missing.pt" in result.stderr and "Traceback" not in result.stderr
