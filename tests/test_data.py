@@ -1,0 +1,453 @@
+"""ddpm_jax.data: embedded tiles, image folders and their cache, deterministic batches, prefetching."""
+
+import gc
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_jax import data
+from ddpm_jax.data import (
+    DataError,
+    Prefetcher,
+    batch_indices,
+    embedded_dataset,
+    flip_mask,
+    get_batch,
+    load_image_folder,
+)
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def save(path: Path, im: Image.Image, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, **kw)
+    return path
+
+
+def solid(colour, size=(8, 8), mode="RGB") -> Image.Image:
+    return Image.new(mode, size, colour)
+
+
+def messages(record) -> list[str]:
+    return [str(w.message) for w in record]
+
+
+@pytest.fixture
+def no_user_cache(tmp_path, monkeypatch):
+    """Keep the fallback cache directory inside the test's tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+# ============================================================================ embedded dataset
+
+
+def test_embedded_shape_dtype_and_determinism():
+    a = embedded_dataset(16, 32, seed=0)
+    assert a.shape == (16, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, embedded_dataset(16, 32, seed=0))
+    b = embedded_dataset(16, 32, seed=1)
+    assert (a != b).mean() > 0.5
+
+
+def test_embedded_tile_does_not_depend_on_count():
+    many = embedded_dataset(40, 32)  # more than one rendering chunk (32 tiles at 32 px)
+    np.testing.assert_array_equal(embedded_dataset(3, 32), many[:3])
+    np.testing.assert_array_equal(embedded_dataset(38, 32)[35:], many[35:38])
+
+
+def test_embedded_scene_is_the_same_at_every_size():
+    small = embedded_dataset(6, 32).astype(np.float64)
+    large = embedded_dataset(6, 128).astype(np.float64)
+    assert large.shape == (6, 128, 128, 3)
+    # 4x4 box-averaged 128 px tiles match the 32 px tiles up to edges and pixel noise.
+    pooled = large.reshape(6, 32, 4, 32, 4, 3).mean((2, 4))
+    assert np.abs(pooled - small).mean() < 6.0
+    assert np.abs(pooled - np.roll(small, 1, axis=0)).mean() > 10.0  # ... and not any other tile
+
+
+def test_embedded_looks_like_forest():
+    x = embedded_dataset(64, 32).astype(np.float64)
+    r, g, b = x.reshape(-1, 3).mean(0)
+    assert g > r + 5 and g > b + 10, (r, g, b)
+    assert x.reshape(64, -1, 3).std(1).mean(1).min() > 8.0  # every tile has structure
+    flat = x.reshape(64, -1)
+    diffs = np.abs(flat[:, None] - flat[None]).mean(-1)
+    assert diffs[~np.eye(64, dtype=bool)].min() > 5.0  # all tiles differ
+    # Rivers: blue-ish pixels on some tiles, and not on most.
+    water = ((x[..., 2] > x[..., 1] + 5) & (x[..., 2] > x[..., 0] + 15)).sum((1, 2))
+    assert 2 <= (water > 20).sum() <= 32, water
+
+
+def test_embedded_rejects_bad_arguments():
+    assert embedded_dataset(0, 32).shape == (0, 32, 32, 3)
+    with pytest.raises(ValueError):
+        embedded_dataset(-1, 32)
+    with pytest.raises(ValueError):
+        embedded_dataset(4, 0)
+
+
+# ============================================================================ image folders
+
+
+def test_modes_are_converted_to_rgb(tmp_path, no_user_cache):
+    d = tmp_path / "imgs"
+    save(d / "a_gray.png", solid(100, mode="L"))
+    save(d / "b_rgba.png", solid((200, 100, 50, 128), mode="RGBA"))  # composited on black
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    save(d / "c_palette.png", pal)
+    save(d / "d_cmyk.tif", solid((0, 255, 255, 0), mode="CMYK"))  # pure red in Pillow's conversion
+    sixteen = np.full((8, 8), 100 * 257, np.uint16)
+    sixteen[:, 4:] = 65535
+    save(d / "e_16bit.png", Image.fromarray(sixteen))
+    save(d / "f_la.png", solid((80, 255), mode="LA"))
+    save(d / "g_bilevel.bmp", solid(1, mode="1"))
+    ptrans = Image.new("P", (8, 8), 0)
+    ptrans.putpalette([0, 0, 255, 9, 9, 9] + [0] * 762)
+    save(d / "h_palette_transparent.png", ptrans, transparency=0)  # transparent blue -> black
+
+    out = load_image_folder(d, 8).astype(int)
+    assert out.shape == (8, 8, 8, 3) and out.dtype == np.int64  # (astype above)
+    assert (out[0] == 100).all()
+    np.testing.assert_allclose(out[1], np.broadcast_to([100, 50, 25], (8, 8, 3)), atol=1)
+    assert (out[2] == [10, 200, 30]).all()
+    assert (out[3] == RED).all()
+    assert (out[4][:, :4] == 100).all() and (out[4][:, 4:] == 255).all()
+    assert (out[5] == 80).all()
+    assert (out[6] == 255).all()
+    assert (out[7] == 0).all()
+
+
+def test_exif_orientation_is_applied(tmp_path, no_user_cache):
+    raw = Image.new("RGB", (40, 20), RED)  # stored: top half red, bottom half blue
+    raw.paste(BLUE, (0, 10, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": red ends up on the right
+    save(tmp_path / "d" / "rot.jpg", raw, exif=exif.tobytes(), quality=95)
+    out = load_image_folder(tmp_path / "d", 16)[0].astype(int)
+    left, right = out[:, :6].mean((0, 1)), out[:, -6:].mean((0, 1))
+    assert left[2] > 200 and left[0] < 60, left
+    assert right[0] > 200 and right[2] < 60, right
+
+
+def test_resize_shorter_side_then_centre_crop(tmp_path, no_user_cache):
+    # 40x20, four 10 px stripes A B C D -> resized to 20x10 -> the centre 10x10 holds B | C.
+    colours = [RED, GREEN, BLUE, WHITE]
+    im = Image.new("RGB", (40, 20))
+    for k, c in enumerate(colours):
+        im.paste(c, (10 * k, 0, 10 * k + 10, 20))
+    save(tmp_path / "wide" / "x.png", im)
+    out = load_image_folder(tmp_path / "wide", 10)[0].astype(int)
+    # Antialiasing blends one column at each stripe border; the interiors are exact.
+    np.testing.assert_allclose(out[:, 1:4], np.broadcast_to(GREEN, (10, 3, 3)), atol=2)
+    np.testing.assert_allclose(out[:, 6:9], np.broadcast_to(BLUE, (10, 3, 3)), atol=2)
+    # Tall image: same, transposed.
+    save(tmp_path / "tall" / "x.png", im.transpose(Image.Transpose.TRANSPOSE))
+    tall = load_image_folder(tmp_path / "tall", 10)[0].astype(int)
+    np.testing.assert_allclose(tall[1:4], np.broadcast_to(GREEN, (3, 10, 3)), atol=2)
+    np.testing.assert_allclose(tall[6:9], np.broadcast_to(BLUE, (3, 10, 3)), atol=2)
+
+
+@pytest.mark.parametrize("height, first_row", [(13, 2), (11, 0), (12, 1)])
+def test_centre_crop_offset_matches_torchvision(tmp_path, no_user_cache, height, first_row):
+    # No resize (shorter side already 10): the crop keeps rows int(round((h - 10) / 2)) onwards.
+    rows = np.zeros((height, 10, 3), np.uint8)
+    rows[..., 0] = np.arange(height)[:, None] * 10
+    save(tmp_path / "d" / "rows.png", Image.fromarray(rows))
+    out = load_image_folder(tmp_path / "d", 10)[0]
+    np.testing.assert_array_equal(out, rows[first_row:first_row + 10])
+
+
+def test_small_images_are_upscaled_with_one_warning(tmp_path, no_user_cache):
+    for k in range(3):
+        save(tmp_path / "d" / f"{k}.png", solid(GREEN, size=(4, 6)))
+    save(tmp_path / "d" / "big.png", solid(GREEN, size=(16, 16)))
+    with pytest.warns(UserWarning) as record:
+        out = load_image_folder(tmp_path / "d", 8)
+    assert out.shape == (4, 8, 8, 3) and (out == GREEN).all()
+    upscale = [m for m in messages(record) if "upscaled" in m]
+    assert len(upscale) == 1 and "3 image(s)" in upscale[0]
+
+
+def test_recursive_sorted_and_extension_filter(tmp_path, no_user_cache):
+    d = tmp_path / "d"
+    save(d / "b" / "2.PNG", solid(RED))
+    save(d / "a.jpeg", solid(WHITE), quality=100)
+    save(d / "b" / "1.webp", solid(BLUE), lossless=True)
+    save(d / "c" / "deep" / "3.bmp", solid(GREEN))
+    (d / "notes.txt").write_text("not an image")
+    out = load_image_folder(d, 8).astype(int)
+    means = out.mean((1, 2))
+    np.testing.assert_allclose(means, [WHITE, BLUE, RED, GREEN], atol=3)  # a, b/1, b/2, c/deep/3
+
+
+@pytest.fixture
+def folder_with_bad_files(tmp_path, monkeypatch):
+    d = tmp_path / "mixed"
+    save(d / "good1.png", solid(RED))
+    save(d / "good2.jpg", solid(BLUE), quality=100)
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not a jpeg")
+    buf = (tmp_path / "full.png")
+    save(buf, Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    (d / "truncated.png").write_bytes(buf.read_bytes()[:200])
+    (d / "garbage.webp").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    (d / "folder.png").mkdir()
+    # Decompression bombs against a lowered limit: 1600 px warns in Pillow (we treat it as bad),
+    # 4096 px raises DecompressionBombError.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    save(d / "bomb_warn.png", solid(GREEN, size=(40, 40)))
+    save(d / "bomb_error.png", solid(GREEN, size=(64, 64)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    bad = ["bomb_error.png", "bomb_warn.png", "empty.png", "folder.png", "garbage.webp", "text.jpg",
+           "truncated.png"]
+    return d, bad
+
+
+def test_bad_files_are_skipped_with_warnings(folder_with_bad_files):
+    d, bad = folder_with_bad_files
+    for attempt in ("decode", "cache"):
+        with pytest.warns(UserWarning) as record:
+            out = load_image_folder(d, 8)
+        assert out.shape == (2, 8, 8, 3), attempt
+        assert (out[0].astype(int) - RED).__abs__().max() <= 2
+        text = messages(record)
+        for name in bad:
+            assert any(name in m and "skipping" in m for m in text), (attempt, name, text)
+        summary = [m for m in text if m.startswith("skipped")]
+        assert len(summary) == 1 and f"{len(bad)} unreadable" in summary[0]
+
+
+def test_strict_raises_naming_the_first_bad_file(folder_with_bad_files):
+    d, bad = folder_with_bad_files
+    with pytest.raises(DataError, match=bad[0]):
+        load_image_folder(d, 8, strict=True)
+    with pytest.warns(UserWarning):  # now cached ...
+        load_image_folder(d, 8)
+    with pytest.raises(DataError, match=bad[0]):  # ... and strict still raises
+        load_image_folder(d, 8, strict=True)
+
+
+def test_missing_empty_and_unusable_folders(tmp_path, no_user_cache):
+    assert issubclass(DataError, ValueError)
+    with pytest.raises(DataError, match=r"does not exist.*\.png"):
+        load_image_folder(tmp_path / "nope", 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no images in .*empty.*\.jpg"):
+        load_image_folder(tmp_path / "empty", 8)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.txt").write_text("hi")
+    with pytest.raises(DataError, match="no images"):
+        load_image_folder(tmp_path / "other", 8)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"nope")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no usable images"):
+        load_image_folder(tmp_path / "broken", 8)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(DataError, match="not a directory"):
+        load_image_folder(tmp_path / "file.png", 8)
+
+
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch, no_user_cache):
+    d = tmp_path / "d"
+    for k in range(5):
+        save(d / f"{k}.png", solid((k * 40, 10, 20)))
+    first = load_image_folder(d, 8)
+    caches = list((d / data.CACHE_DIR_NAME).glob("*.npz"))
+    assert len(caches) == 1
+
+    def no_decoding(*args):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(data, "_decode_image", no_decoding)
+    np.testing.assert_array_equal(load_image_folder(d, 8), first)
+    with pytest.warns(UserWarning):  # another size is another cache entry: decodes (and fails here)
+        with pytest.raises(DataError):
+            load_image_folder(d, 4)
+
+
+def test_cache_is_invalidated_when_a_file_changes(tmp_path, monkeypatch, no_user_cache):
+    d = tmp_path / "d"
+    save(d / "a.png", solid(RED))
+    save(d / "b.png", solid(GREEN))
+    load_image_folder(d, 8)
+    save(d / "b.png", solid(BLUE))
+    st = (d / "b.png").stat()
+    os.utime(d / "b.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse-mtime filesystems
+    calls = []
+    decode = data._decode_image
+    monkeypatch.setattr(data, "_decode_image", lambda *a: calls.append(a) or decode(*a))
+    out = load_image_folder(d, 8)
+    assert len(calls) == 2 and (out[1] == BLUE).all()
+    assert len(list((d / data.CACHE_DIR_NAME).glob("*.npz"))) == 1  # the stale cache is removed
+    save(d / "c.png", solid(WHITE))  # an added file, too
+    assert len(load_image_folder(d, 8)) == 3
+
+
+def test_cache_dir_argument_fallback_and_damaged_cache(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    save(d / "a.png", solid(RED))
+    explicit = tmp_path / "explicit"
+    load_image_folder(d, 8, cache_dir=explicit)
+    assert len(list(explicit.glob("*.npz"))) == 1 and not (d / data.CACHE_DIR_NAME).exists()
+
+    # A read-only folder: the cache goes to $XDG_CACHE_HOME/ddpm_jax.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    writable = data._writable_dir
+    monkeypatch.setattr(data, "_writable_dir", lambda p: p.name != data.CACHE_DIR_NAME and writable(p))
+    load_image_folder(d, 8)
+    (cache,) = (tmp_path / "xdg" / "ddpm_jax").glob("*.npz")
+
+    cache.write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="unreadable cache"):
+        out = load_image_folder(d, 8)
+    assert (out == RED).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image_folder(d, 8)  # rewritten: no warning now
+
+
+# ============================================================================ batches
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    order = np.concatenate([batch_indices(n, b, seed=3, step=s) for s in range(5)])  # 2 epochs
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:]) == list(range(10))
+    assert list(order[:10]) != list(order[10:])
+    np.testing.assert_array_equal(batch_indices(n, b, 3, 2), order[8:12])  # straddles the epochs
+    assert batch_indices(n, b, 4, 0).tolist() != batch_indices(n, b, 3, 0).tolist()
+    big = batch_indices(3, 8, seed=0, step=1)  # batch larger than the dataset
+    assert sorted(big[1:4]) == [0, 1, 2] and big.shape == (8,)
+    with pytest.raises(ValueError):
+        batch_indices(0, 4, 0, 0)
+
+
+def test_batch_is_a_pure_function_of_seed_and_step():
+    images = embedded_dataset(12, 8)
+    a = get_batch(images, 8, seed=1, step=7)
+    get_batch(images, 8, seed=1, step=3)  # any other calls in between
+    np.testing.assert_array_equal(a, get_batch(images, 8, seed=1, step=7))
+    assert a.dtype == np.float32 and a.shape == (8, 8, 8, 3) and a.min() >= -1 and a.max() <= 1
+    assert not np.array_equal(a, get_batch(images, 8, seed=2, step=7))
+
+
+def test_batch_values_normalisation_and_flips():
+    images = embedded_dataset(12, 8)
+    before = images.copy()
+    idx = batch_indices(12, 16, seed=5, step=2)
+    plain = get_batch(images, 16, seed=5, step=2, flip=False)
+    np.testing.assert_array_equal(plain, images[idx].astype(np.float32) / 255.0 * 2.0 - 1.0)
+    flipped = get_batch(images, 16, seed=5, step=2)
+    mask = flip_mask(16, seed=5, step=2)
+    assert 0 < mask.sum() < 16
+    np.testing.assert_array_equal(flipped[mask], plain[mask][:, :, ::-1])
+    np.testing.assert_array_equal(flipped[~mask], plain[~mask])
+    np.testing.assert_array_equal(images, before)  # the dataset is never modified
+    assert 0.4 < np.mean([flip_mask(64, 0, s).mean() for s in range(20)]) < 0.6
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_process_slices_concatenate_to_the_global_batch(count):
+    images = embedded_dataset(10, 8)
+    whole = get_batch(images, 8, seed=0, step=3)
+    parts = [get_batch(images, 8, seed=0, step=3, process_index=i, process_count=count) for i in range(count)]
+    assert all(p.shape[0] == 8 // count for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_uneven_process_split_is_rejected():
+    with pytest.raises(ValueError, match="split evenly"):
+        get_batch(np.zeros((4, 2, 2, 3), np.uint8), 6, 0, 0, process_index=0, process_count=4)
+
+
+# ============================================================================ prefetcher
+
+
+def test_prefetcher_yields_consecutive_steps_on_device():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with Prefetcher(lambda s: np.full((2, 3), s, np.float32), start_step=5, sharding=sharding) as pf:
+        got = [next(pf) for _ in range(4)]
+    assert [s for s, _ in got] == [5, 6, 7, 8]
+    for s, x in got:
+        assert isinstance(x, jax.Array) and x.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(x), np.full((2, 3), s))
+    assert not pf._thread.is_alive()
+
+
+def test_prefetcher_runs_at_most_depth_ahead():
+    calls, first = [], threading.Event()
+
+    def fn(step):
+        calls.append(step)
+        first.set()
+        return np.zeros(1)
+
+    pf = Prefetcher(fn, start_step=0, depth=2)
+    first.wait(5)
+    for _ in range(20):
+        if len(calls) >= 3:
+            break
+        threading.Event().wait(0.01)
+    assert len(calls) <= 3  # two queued, one waiting to be queued
+    assert next(pf)[0] == 0
+    pf.close()
+    assert not pf._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(pf)
+
+
+def test_prefetcher_raises_the_producers_exception():
+    def fn(step):
+        if step == 3:
+            raise KeyError(f"no batch {step}")
+        return np.full((1,), step)
+
+    pf = Prefetcher(fn, start_step=0)
+    assert [next(pf)[0] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError, match="no batch 3"):
+        next(pf)
+    assert not pf._thread.is_alive()
+
+
+def test_abandoned_prefetcher_stops_its_thread():
+    pf = Prefetcher(lambda s: np.zeros(1), start_step=0)
+    thread = pf._thread
+    del pf
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_prefetcher_uses_process_local_data_on_several_processes(monkeypatch):
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    used = []
+    make = jax.make_array_from_process_local_data
+
+    def spy(sh, local):
+        used.append(local.shape)
+        return make(sh, local)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "make_array_from_process_local_data", spy)
+    with Prefetcher(lambda s: np.full((4, 2), s, np.float32), start_step=0, sharding=sharding) as pf:
+        step, x = next(pf)
+    assert step == 0 and used and used[0] == (4, 2)
+    np.testing.assert_array_equal(np.asarray(x), np.zeros((4, 2)))
+
+
+def test_raising_the_pixel_limit_is_not_answered_from_the_cache(tmp_path, monkeypatch, no_user_cache):
+    save(tmp_path / "d" / "ok.png", solid(RED))
+    save(tmp_path / "d" / "large.png", solid(BLUE, size=(64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.warns(UserWarning, match="large.png"):
+        assert len(load_image_folder(tmp_path / "d", 8)) == 1
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert len(load_image_folder(tmp_path / "d", 8)) == 2
