@@ -1,0 +1,392 @@
+"""Sliced Wasserstein distance (SWD) between two image sets, as in ProGAN.
+
+Karras et al. 2018, "Progressive Growing of GANs", appendix D.1, and their code
+https://github.com/tkarras/progressive_growing_of_gans/blob/master/metrics/sliced_wasserstein.py
+
+Per set: a Laplacian pyramid (5x5 binomial filter, mirror borders) from full resolution down to
+16 px; from every level 128 random 7x7x3 neighbourhoods per image, taken from the float32 pyramid of
+the uint8 pixel values (range [0, 255]); descriptors normalised per colour channel with the mean and
+std of that set's descriptors at that level. Per level: 4 repeats of 128 random unit directions,
+project both sets, sort, mean absolute difference; averaged over repeats, times 1e3. The reported
+"swd" is the mean over levels.
+
+Usage:
+    python -m ddpm_jax.evaluate --real embedded --fake samples.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zipfile
+
+import numpy as np
+
+NHOOD_SIZE = 7  # ProGAN's descriptor: a 7x7 neighbourhood of 3 channels.
+
+# ProGAN's `gaussian_filter`: outer([1, 4, 6, 4, 1]) / 256, applied here as two 1-D passes.
+_BINOMIAL_5 = np.float32([1, 4, 6, 4, 1]) / np.float32(16)
+
+
+# ----------------------------------------------------------------------------- Laplacian pyramid
+
+
+def _blur_axis(x: np.ndarray, axis: int, taps: np.ndarray) -> np.ndarray:
+    """Correlate `x` with 5 symmetric `taps` along `axis`, mirror borders (scipy.ndimage 'mirror')."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (2, 2)
+    # numpy 'reflect' is scipy.ndimage 'mirror': (d c b | a b c d | c b a).
+    xp = np.pad(x, pad, mode="reflect")
+    n = x.shape[axis]
+    out = np.zeros_like(x)
+    for k, w in enumerate(taps):
+        out += w * np.take(xp, np.arange(k, k + n), axis=axis)
+    return out
+
+
+def _blur(x_BHWC: np.ndarray, gain: float = 1.0) -> np.ndarray:
+    taps = _BINOMIAL_5 * np.float32(gain)
+    return _blur_axis(_blur_axis(x_BHWC, 1, taps), 2, _BINOMIAL_5)
+
+
+def pyr_down(x_BHWC: np.ndarray) -> np.ndarray:
+    """Blur then keep every second pixel: ProGAN's `pyr_down` (cv2.pyrDown)."""
+    return _blur(x_BHWC)[:, ::2, ::2]
+
+
+def pyr_up(x_BHWC: np.ndarray) -> np.ndarray:
+    """Zero-insert to double size, then blur with 4x the filter: ProGAN's `pyr_up` (cv2.pyrUp)."""
+    b, h, w, c = x_BHWC.shape
+    up = np.zeros((b, 2 * h, 2 * w, c), x_BHWC.dtype)
+    up[:, ::2, ::2] = x_BHWC
+    return _blur(up, gain=4.0)
+
+
+def laplacian_pyramid(images_BHWC: np.ndarray, num_levels: int) -> list[np.ndarray]:
+    """Band-pass levels, finest first; the last level is the low-pass residual.
+
+    float32 of the raw pixel values, as ProGAN's `generate_laplacian_pyramid`.
+    """
+    pyramid = [np.asarray(images_BHWC, np.float32)]
+    for _ in range(1, num_levels):
+        pyramid.append(pyr_down(pyramid[-1]))
+        pyramid[-2] = pyramid[-2] - pyr_up(pyramid[-1])
+    return pyramid
+
+
+def reconstruct_laplacian_pyramid(pyramid: list[np.ndarray]) -> np.ndarray:
+    """Inverse of `laplacian_pyramid`: upsample the residual and add the levels back."""
+    images = pyramid[-1]
+    for level in pyramid[-2::-1]:
+        images = pyr_up(images) + level
+    return images
+
+
+# ----------------------------------------------------------------------------- descriptors
+
+
+def _descriptors(level_BHWC: np.ndarray, per_image: int, rng: np.random.Generator) -> np.ndarray:
+    """`per_image` random 7x7x3 neighbourhoods per image as (n, C, 7, 7), in ProGAN's layout."""
+    b, h, w, _ = level_BHWC.shape
+    r = NHOOD_SIZE // 2
+    n = b * per_image
+    img = np.arange(n) // per_image
+    # ProGAN draws x then y, each in [r, size - r): every neighbourhood lies inside the image.
+    x = rng.integers(r, w - r, size=n)
+    y = rng.integers(r, h - r, size=n)
+    offs = np.arange(-r, r + 1)
+    rows = (y[:, None] + offs)[:, :, None]  # (n, 7, 1)
+    cols = (x[:, None] + offs)[:, None, :]  # (n, 1, 7)
+    desc_nYXC = level_BHWC[img[:, None, None], rows, cols]  # (n, 7 rows, 7 cols, C)
+    # ProGAN's np.ogrid puts the x offset on axis 2 and y on axis 3: (n, C, x, y).
+    return np.ascontiguousarray(desc_nYXC.transpose(0, 3, 2, 1))
+
+
+def _finalize_descriptors(desc_nC77: np.ndarray) -> np.ndarray:
+    """ProGAN's `finalize_descriptors`: per-channel standardisation, then flatten."""
+    mean = desc_nC77.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = desc_nC77.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = np.where(std > 0, std, 1.0)  # a constant channel would give nan in ProGAN's code
+    desc = ((desc_nC77 - mean) / std).astype(np.float32)
+    return desc.reshape(desc.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- sliced Wasserstein
+
+
+def _wasserstein1_sorted(a_Dn: np.ndarray, b_Dm: np.ndarray) -> np.ndarray:
+    """Per-row 1-D Wasserstein-1 distance between samples sorted along the last axis; shape (D,).
+
+    With equal counts this is ProGAN's mean |sort(a) - sort(b)|. With unequal counts it is the exact
+    integral of |F_a^-1(u) - F_b^-1(u)| du over the merged quantile breakpoints i/n and j/m.
+    """
+    n, m = a_Dn.shape[-1], b_Dm.shape[-1]
+    if n == m:
+        return np.abs(a_Dn - b_Dm).mean(axis=-1)
+    # Breakpoints in units of 1 / (n m), so i/n and j/m that coincide merge exactly.
+    cuts = np.union1d(np.arange(n + 1, dtype=np.int64) * m, np.arange(m + 1, dtype=np.int64) * n)
+    starts, widths = cuts[:-1], np.diff(cuts) / (n * m)
+    gap = np.abs(a_Dn[:, starts // m] - b_Dm[:, starts // n])
+    return gap @ widths
+
+
+def sliced_wasserstein(
+    a_nD: np.ndarray, b_mD: np.ndarray, dir_repeats: int, dirs_per_repeat: int, rng: np.random.Generator
+) -> float:
+    """ProGAN's `sliced_wasserstein`: random unit directions, shared by both sets."""
+    results = []
+    for _ in range(dir_repeats):
+        dirs = rng.standard_normal((a_nD.shape[1], dirs_per_repeat))
+        dirs /= np.sqrt(np.sum(np.square(dirs), axis=0, keepdims=True))
+        dirs = dirs.astype(np.float32)
+        # (direction, neighbourhood) so each sort runs over contiguous memory.
+        proj_a = np.sort(dirs.T @ a_nD.T, axis=-1)
+        proj_b = np.sort(dirs.T @ b_mD.T, axis=-1)
+        results.append(float(np.mean(_wasserstein1_sorted(proj_a, proj_b))))
+    return float(np.mean(results))
+
+
+def resolutions(image_size: int, min_resolution: int = 16) -> list[int]:
+    """Pyramid level resolutions as ProGAN lists them: full size, halving while >= min_resolution."""
+    res, out = image_size, []
+    while res >= min_resolution:
+        out.append(res)
+        res //= 2
+    return out
+
+
+def _check_images(name: str, images: np.ndarray) -> None:
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"{name}: expected dtype uint8 (N,H,W,3) with values in [0, 255], got {images.dtype}; "
+            "convert float images with ddpm_jax.evaluate.to_uint8"
+        )
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or images.shape[0] < 1:
+        raise ValueError(f"{name}: expected shape (N, S, S, 3) with N >= 1 (square RGB, NHWC), got {images.shape}")
+
+
+def swd(
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    seed: int = 0,
+    descriptors_per_image: int = 128,
+    dir_repeats: int = 4,
+    dirs_per_repeat: int = 128,
+    min_resolution: int = 16,
+) -> dict:
+    """Sliced Wasserstein distance x1e3 between uint8 (N,S,S,3) image sets (N may differ).
+
+    Returns {"swd": mean over levels, "levels": {resolution: swd at that level}}. Deterministic in
+    `seed`: descriptor positions come from one stream per level, replayed identically for both sets
+    (so a set compared with itself gives exactly 0), and projections from a separate stream, the
+    same directions applied to both sets.
+    As in ProGAN each set is standardised on its own, so a global brightness/contrast change of one
+    set is (nearly) invisible: SWD measures local structure, not mean colour.
+    Memory: one level at a time, about (N_real + N_fake) * descriptors_per_image * 147 * 4 bytes.
+    """
+    _check_images("real", real)
+    _check_images("fake", fake)
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f"real and fake must have the same image shape, got {real.shape[1:]} and {fake.shape[1:]}")
+    size = real.shape[1]
+    if min_resolution < NHOOD_SIZE:
+        raise ValueError(f"min_resolution must be >= {NHOOD_SIZE} (the descriptor size), got {min_resolution}")
+    levels = resolutions(size, min_resolution)
+    if not levels:
+        raise ValueError(f"images are {size} px; expected at least min_resolution={min_resolution} px")
+    if size % 2 ** (len(levels) - 1):
+        raise ValueError(
+            f"image size {size} must halve evenly down to {levels[-1]} px ({len(levels)} pyramid levels); "
+            f"expected a multiple of {2 ** (len(levels) - 1)}"
+        )
+
+    pos_seeds = np.random.SeedSequence([seed, 0]).spawn(len(levels))  # one position stream per level
+    proj_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    pyr_real = laplacian_pyramid(real, len(levels))
+    pyr_fake = laplacian_pyramid(fake, len(levels))
+    dist = {}
+    for res, pos_seed, lvl_real, lvl_fake in zip(levels, pos_seeds, pyr_real, pyr_fake):
+        # The same positions for both sets (a set against itself gives exactly 0).
+        d_real, d_fake = (
+            _finalize_descriptors(_descriptors(lvl, descriptors_per_image, np.random.default_rng(pos_seed)))
+            for lvl in (lvl_real, lvl_fake)
+        )
+        dist[res] = 1e3 * sliced_wasserstein(d_real, d_fake, dir_repeats, dirs_per_repeat, proj_rng)
+    return {"swd": float(np.mean(list(dist.values()))), "levels": dist}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def to_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """(N,H,W,3) or (N,3,H,W) array -> uint8 (N,H,W,3).
+
+    Layout: NHWC if the last axis has 3 entries, else NCHW if axis 1 has 3 entries.
+    Values: integer dtypes must lie in [0, 255] and are kept. Floats with min < 0 are read as
+    [-1, 1] and mapped by round((x + 1) * 127.5); other floats are read as [0, 1] and mapped by
+    round(x * 255). Floats outside [-1, 1] are an error rather than a guess.
+    """
+    x = np.asarray(images)
+    if x.ndim != 4 or 3 not in (x.shape[-1], x.shape[1]):
+        raise ValueError(f"{name}: expected shape (N,H,W,3) or (N,3,H,W), got {x.shape}")
+    if x.shape[-1] != 3:
+        x = x.transpose(0, 2, 3, 1)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if x.size == 0:
+        raise ValueError(f"{name}: no images (shape {x.shape})")
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name}: integer values must lie in [0, 255], got [{lo}, {hi}]")
+        return x.astype(np.uint8)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains nan or inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1.0 or hi > 1.0:
+        raise ValueError(f"{name}: float values must lie in [0, 1] or [-1, 1], got [{lo:.4g}, {hi:.4g}]")
+    scaled = (x.astype(np.float64) + 1.0) * 127.5 if lo < 0 else x.astype(np.float64) * 255.0
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _load_npz(path: str) -> np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a .npy saved under a .npz name
+            key, array = "array", loaded
+        else:
+            with loaded:
+                if not loaded.files:
+                    raise ValueError("it holds no arrays")
+                key = "images" if "images" in loaded.files else loaded.files[0]
+                array = loaded[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read as .npz of images ({e})") from e
+    return to_uint8(array, name=f"{path}[{key!r}]")
+
+
+def load_images(
+    spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0
+) -> np.ndarray:
+    """Images named by `spec` as uint8 (N, S, S, 3).
+
+    spec: an image folder (ddpm_jax.data.load_image_folder, resized to `image_size`, which it
+    then requires), a .npz file
+    (the array under key "images", else the first array; converted by `to_uint8`; its size must
+    equal `image_size` when given), or "embedded" (ddpm_jax.data.embedded_dataset with
+    `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px).
+    num: keep at most the first `num` images (folders and .npz).
+    """
+    if num is not None and num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if spec == "embedded":
+        from ddpm_jax.data import embedded_dataset
+
+        return embedded_dataset(
+            num_images=2048 if num is None else num,
+            image_size=32 if image_size is None else image_size,
+            seed=embedded_seed,
+        )
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec}: no such file or folder; expected an image folder, a .npz file or 'embedded'")
+    if os.path.isdir(spec):
+        from ddpm_jax.data import load_image_folder
+
+        if image_size is None:
+            raise ValueError(f"{spec}: an image folder needs an image size to resize to (--image-size)")
+        images = load_image_folder(spec, image_size)
+    elif spec.endswith(".npz"):
+        images = _load_npz(spec)
+        if image_size is not None and images.shape[1:3] != (image_size, image_size):
+            raise ValueError(
+                f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected {image_size}x{image_size} "
+                "(image_size); .npz files are not resized"
+            )
+    else:
+        raise ValueError(f"{spec}: expected an image folder, a .npz file or 'embedded'")
+    return images[:num] if num is not None else images
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm_jax.evaluate",
+        description="Sliced Wasserstein distance x1e3 (ProGAN, Karras et al. 2018) between two image sets. "
+        "Prints one JSON line: swd (mean over levels), levels (per resolution), num_real, num_fake, image_size.",
+    )
+    src = "an image folder, a .npz file (key 'images' or its first array; uint8, or float in [0,1] or [-1,1]; "
+    src += "NHWC or NCHW), or 'embedded' (the built-in dataset)"
+    parser.add_argument("--real", required=True, help=f"reference images: {src}")
+    parser.add_argument("--fake", required=True, help=f"generated images: {src}")
+    parser.add_argument(
+        "--image-size", type=int, default=None,
+        help="image side in px; folders are resized to it, .npz files must match it; "
+        "default: the size of the .npz set, else 32 for 'embedded' (required for two folders)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for descriptor positions and projections (default 0)")
+    parser.add_argument(
+        "--num", type=int, default=None,
+        help="images per set: the first NUM of a folder or .npz; for 'embedded' how many to make (default 2048)",
+    )
+    parser.add_argument(
+        "--real-seed", type=int, default=0, help="seed of the embedded dataset for --real embedded (default 0)"
+    )
+    parser.add_argument(
+        "--fake-seed", type=int, default=1,
+        help="seed of the embedded dataset for --fake embedded (default 1, so embedded vs embedded "
+        "measures two independent samples)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.image_size is not None and args.image_size < 1:
+            raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+        specs = {"real": (args.real, args.real_seed), "fake": (args.fake, args.fake_seed)}
+        image_size, images = args.image_size, {}
+        def kind(spec: str) -> int:  # .npz files set the size; folders and 'embedded' follow it
+            return 2 if spec == "embedded" else 1 if os.path.isdir(spec) else 0
+
+        for name in sorted(specs, key=lambda k: kind(specs[k][0])):
+            spec, embedded_seed = specs[name]
+            size = args.image_size if kind(spec) == 0 else image_size
+            images[name] = load_images(spec, size, num=args.num, embedded_seed=embedded_seed)
+            if image_size is None:
+                image_size = images[name].shape[1]
+        real, fake = images["real"], images["fake"]
+        if real.shape[1:] != fake.shape[1:]:
+            raise ValueError(
+                f"--real {args.real} has images of shape {real.shape[1:]} but --fake {args.fake} has "
+                f"{fake.shape[1:]}; expected the same (use --image-size to resize folders)"
+            )
+        result = swd(real, fake, seed=args.seed)
+    except (ValueError, OSError, ImportError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    record = {
+        "swd": result["swd"],
+        "levels": {str(res): v for res, v in result["levels"].items()},
+        "num_real": int(real.shape[0]),
+        "num_fake": int(fake.shape[0]),
+        "image_size": int(real.shape[1]),
+    }
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
