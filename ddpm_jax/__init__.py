@@ -1,6 +1,7 @@
 """ddpm-jax: the article's DDPM in JAX/Flax NNX (NHWC), with weight conversion from and to its PyTorch code."""
 
-from ddpm_jax.convert import ModelConfig, build_model, load_model, save_model
+from ddpm_jax.config import ModelConfig, TrainConfig
+from ddpm_jax.convert import build_model, load_model, save_model
 from ddpm_jax.schedules import Schedule, make_schedule
 from ddpm_jax.unets import UNETS, AttentionUNet, OneResUNet, TwoResUNet
 
@@ -9,6 +10,7 @@ __all__ = [
     "ModelConfig",
     "OneResUNet",
     "Schedule",
+    "TrainConfig",
     "TwoResUNet",
     "UNETS",
     "build_model",

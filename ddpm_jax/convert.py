@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ddpm_jax.config import ModelConfig, read_json
 from ddpm_jax.unets import UNETS
 
 MODEL_JSON = "model.json"
@@ -42,32 +43,6 @@ DIFFUSION_BUFFERS = frozenset(
 
 class ConversionError(ValueError):
     """A checkpoint that cannot become a model; the message says which file and what is wrong."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a U-Net; saved as model.json beside its weights."""
-
-    variant: str = "TwoResUNet"  # OneResUNet | TwoResUNet | AttentionUNet
-    dim: int = 64  # channels of the first level; the time embedding has 4 * dim
-    init_dim: int | None = None  # channels after the stem conv (None: dim)
-    out_dim: int | None = None  # output channels (None: channels)
-    dim_mults: tuple[int, ...] = (1, 2, 4, 8)  # channels of level i are dim * dim_mults[i]
-    channels: int = 3  # image channels
-    sinusoidal_pos_emb_theta: int = 10000  # base of the sinusoidal time embedding
-
-    def __post_init__(self):
-        if self.variant not in UNETS:
-            raise ValueError(f"unknown model {self.variant!r}; expected one of {sorted(UNETS)}")
-        object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(names)}")
-        return cls(**d)
 
 
 def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None) -> nnx.Module:
@@ -242,8 +217,8 @@ def save_model(model: nnx.Module, config: ModelConfig, out_dir) -> Path:
 def read_model_config(directory) -> ModelConfig:
     path = Path(directory) / MODEL_JSON
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        return ModelConfig.from_dict(read_json(path), str(path))
+    except (TypeError, ValueError) as e:
         raise ConversionError(f"{path}: not a valid model config ({e})") from None
 
 
@@ -252,7 +227,9 @@ def restore_params(model: nnx.Module, params_dir, source: str) -> nnx.Module:
     import orbax.checkpoint as ocp
 
     target = nnx.state(model, nnx.Param)
-    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(target))
+    # Restore onto this host's first device, whatever topology wrote the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), nnx.to_pure_dict(target))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(Path(params_dir).absolute(), abstract)
@@ -263,25 +240,44 @@ def restore_params(model: nnx.Module, params_dir, source: str) -> nnx.Module:
     return model
 
 
+def _latest_step_dir(checkpoints: Path) -> Path | None:
+    """The newest complete Orbax step folder (half-written ones carry a temporary suffix)."""
+    steps = [d for d in checkpoints.iterdir() if d.name.isdigit() and d.is_dir()] if checkpoints.is_dir() else []
+    return max(steps, key=lambda d: int(d.name), default=None)
+
+
 def load_model(path, *, ema: bool = True, dtype=None) -> nnx.Module:
     """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, from any supported checkpoint.
 
-    `path` is a torch file (.pt/.pth: a U-Net state_dict, a DiffusionModel state_dict, or the article
-    trainer's checkpoint, whose EMA weights are taken unless ema=False) or a model directory written by
-    this project. The architecture is read from the weights; nothing has to be passed by hand.
+    `path` is one of: a torch file (.pt/.pth) holding a U-Net state_dict, a DiffusionModel state_dict,
+    or the article trainer's checkpoint; a model directory written by `convert to-flax`/`save_model`;
+    a training workdir (its latest checkpoint) or one of its `checkpoints/<step>` folders. EMA weights
+    are taken where a checkpoint has them, unless ema=False. The architecture comes from the weights
+    or the saved config; nothing has to be passed by hand.
     """
+    from ddpm_jax.config import TrainConfig
+
     path = Path(path)
-    if path.is_dir():
-        if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():
-            model = build_model(read_model_config(path), dtype=dtype)
-            return restore_params(model, path / PARAMS_DIR, str(path))
+    if not path.is_dir():
+        state = unet_state_from_checkpoint(read_torch_file(path), ema=ema, source=str(path))
+        model = build_model(infer_config(state, str(path)), dtype=dtype)
+        return load_torch_state(model, state, str(path))
+    if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():
+        model = build_model(read_model_config(path), dtype=dtype)
+        return restore_params(model, path / PARAMS_DIR, str(path))
+    step_dir = path if path.name.isdigit() and (path / "params").is_dir() else _latest_step_dir(path / "checkpoints")
+    workdir = path.parent.parent if step_dir == path else path
+    if step_dir is None or not (workdir / "config.json").is_file():
         raise ConversionError(
-            f"{path}: not a model directory (expected {MODEL_JSON} and {PARAMS_DIR}/ written by "
-            f"`python -m ddpm_jax.convert to-flax` or save_model)"
+            f"{path}: not a model directory ({MODEL_JSON} + {PARAMS_DIR}/), nor a training workdir with "
+            f"config.json and a complete checkpoint under checkpoints/"
         )
-    state = unet_state_from_checkpoint(read_torch_file(path), ema=ema, source=str(path))
-    model = build_model(infer_config(state, str(path)), dtype=dtype)
-    return load_torch_state(model, state, str(path))
+    try:
+        config = TrainConfig.from_dict(read_json(workdir / "config.json"), str(workdir / "config.json"))
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{workdir / 'config.json'}: not a valid training config ({e})") from None
+    model = build_model(config.model_config, dtype=dtype)
+    return restore_params(model, step_dir / ("ema" if ema else "params"), str(step_dir))
 
 
 def config_of(model: nnx.Module) -> ModelConfig:

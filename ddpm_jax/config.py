@@ -1,0 +1,123 @@
+"""Configs as data: the model's shape and the training run, one comment per field.
+
+A training workdir holds `config.json` (TrainConfig); a model directory holds `model.json`
+(ModelConfig). Either alone says how to rebuild its model.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+VARIANTS = ("OneResUNet", "TwoResUNet", "AttentionUNet")
+
+
+def _from_dict(cls, d: dict, source: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+    return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a U-Net."""
+
+    variant: str = "TwoResUNet"  # OneResUNet | TwoResUNet | AttentionUNet
+    dim: int = 64  # channels of the first level; the time embedding has 4 * dim
+    init_dim: int | None = None  # channels after the stem conv (None: dim)
+    out_dim: int | None = None  # output channels (None: channels)
+    dim_mults: tuple[int, ...] = (1, 2, 4, 8)  # channels of level i are dim * dim_mults[i]
+    channels: int = 3  # image channels
+    sinusoidal_pos_emb_theta: int = 10000  # base of the sinusoidal time embedding
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown model {self.variant!r}; expected one of {list(VARIANTS)}")
+        object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
+        return _from_dict(cls, d, source)
+
+
+def _field(default, help: str):
+    """A config field whose help text is also the CLI's --help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Saved as workdir/config.json; resuming checks it against the saved one."""
+
+    data: str = _field("embedded", 'an image folder, or "embedded" for the built-in synthetic forest tiles')
+    embedded_size: int = _field(2048, 'tiles generated when data is "embedded"')
+    model: str = _field("TwoResUNet", 'U-Net variant')
+    image_size: int = _field(32, 'training resolution (square)')
+    dim: int = _field(32, 'U-Net base width')
+    dim_mults: tuple[int, ...] = _field((1, 2, 4), 'width multiplier per level')
+    schedule: str = _field("linear", 'beta schedule: linear | cosine | sigmoid')
+    timesteps: int = _field(1000, 'diffusion steps T')
+    loss: str = _field("l2", 'l2 | l1 between true and predicted noise')
+    batch_size: int = _field(32, 'global batch, split over all devices')
+    steps: int = _field(3000, 'optimizer steps in total')
+    lr: float = _field(1e-4, 'AdamW learning rate (after warm-up)')
+    adam_b1: float = _field(0.9, "AdamW beta1 (the article's trainer)")
+    adam_b2: float = _field(0.99, "AdamW beta2 (the article's trainer)")
+    weight_decay: float = _field(0.01, 'AdamW decoupled weight decay')
+    warmup_steps: int = _field(0, 'linear learning-rate warm-up')
+    grad_clip: float = _field(0.0, 'global-norm gradient clipping; 0 disables')
+    ema_decay: float = _field(0.995, 'EMA decay (upper bound of the warm-up below)')
+    ema_every: int = _field(10, 'update the EMA every this many steps')
+    ema_start: int = _field(100, 'copy the weights into the EMA until this step, then average (ema_pytorch)')
+    save_every: int = _field(500, 'checkpoint every this many steps (and at the end)')
+    keep_checkpoints: int = _field(3, 'newest checkpoints kept')
+    sample_every: int = _field(1000, 'sample a grid from the EMA weights every this many steps (and at the end)')
+    num_samples: int = _field(16, 'images per sample grid')
+    sampler: str = _field("ddim", 'ddpm (all T steps) | ddim')
+    sampling_steps: int = _field(50, 'DDIM steps (ignored by ddpm)')
+    eta: float = _field(0.0, 'DDIM eta: 0 deterministic, 1 DDPM-like')
+    precision: str = _field("fp32", 'fp32 | bf16 (bf16 compute, float32 parameters and optimizer state)')
+    log_every: int = _field(25, 'metrics line (and non-finite check) every this many steps')
+    seed: int = _field(0, 'seeds initialisation, data order, noise and timesteps')
+
+    def __post_init__(self):
+        object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
+        return _from_dict(cls, d, source)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+# Fields that change the shape of the model or of what it learns to generate: a resumed run must keep them.
+SHAPE_FIELDS = ("model", "image_size", "dim", "dim_mults")
+
+PRESETS = {
+    # Small enough for a 2-core CPU: see README for what it reaches.
+    "default": TrainConfig(),
+    # The article's run: TwoResUNet dim 64 at 128 px, batch 16, T = 1000 linear, 37k steps, DDPM samples.
+    "article": TrainConfig(
+        image_size=128,
+        dim=64,
+        dim_mults=(1, 2, 4, 8),
+        batch_size=16,
+        steps=37000,
+        save_every=1000,
+        sample_every=1000,
+        sampler="ddpm",
+    ),
+}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a JSON config ({e})") from None

@@ -1,0 +1,472 @@
+"""Training: state, one jitted step, EMA, data-parallel sharding, Orbax checkpoints, the loop.
+
+The step is `train_step(state, batch, key) -> (state, metrics)`, jitted once with the state donated.
+Randomness is `fold_in(key, step)` and the data order a pure function of (seed, step), so a resumed
+run replays exactly what an uninterrupted one would have done.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ddpm_jax import data, diffusion
+from ddpm_jax.config import SHAPE_FIELDS, TrainConfig, read_json
+from ddpm_jax.convert import build_model
+from ddpm_jax.schedules import make_schedule
+
+CONFIG_JSON = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do."""
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nnx.State of the model's parameters (float32)
+    ema: Any  # nnx.State, exponential moving average of params
+    opt_state: Any  # optax state
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW as the article's trainer (betas 0.9, 0.99; weight decay 0.01), optional warm-up and clipping."""
+    lr = config.lr
+    if config.warmup_steps:
+        lr = optax.linear_schedule(0.0, config.lr, config.warmup_steps)
+    adamw = optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
+
+
+def learning_rate(config: TrainConfig, step):
+    return config.lr * jnp.minimum(1.0, step / config.warmup_steps) if config.warmup_steps else jnp.float32(config.lr)
+
+
+def ema_decay(config: TrainConfig, step):
+    """ema_pytorch's schedule as the article's trainer uses it: at step s (0-based, counted before the
+    update) every `ema_every` steps, copy while s <= ema_start, then decay min(beta, 1 - (1 + e)^(-2/3))
+    with e = s - ema_start. Returns 0 (copy) on copy steps and 1 (keep) off update steps."""
+    epoch = jnp.maximum(step - config.ema_start, 0).astype(jnp.float32)
+    decay = jnp.clip(1.0 - (1.0 + epoch) ** (-2.0 / 3.0), 0.0, config.ema_decay)
+    decay = jnp.where(step <= config.ema_start, 0.0, decay)
+    return jnp.where(step % config.ema_every == 0, decay, 1.0)
+
+
+def model_dtype(config: TrainConfig):
+    return jnp.bfloat16 if config.precision == "bf16" else None
+
+
+def init_state(config: TrainConfig, tx) -> tuple[nnx.GraphDef, TrainState]:
+    model = build_model(config.model_config, rngs=nnx.Rngs(config.seed), dtype=model_dtype(config))
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params))
+    return graphdef, state
+
+
+def train_step(state: TrainState, batch_BHWC, key, *, graphdef, schedule, tx, config: TrainConfig):
+    """One optimizer step on a global batch; randomness is fold_in(key, step)."""
+    step_key = jax.random.fold_in(key, state.step)
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params)
+        return diffusion.training_loss(model, schedule, batch_BHWC, step_key, config.loss)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(config, state.step)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": learning_rate(config, state.step)}
+    return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: workdir/checkpoints/<step>/{params,ema,opt_state} (Orbax; written to a temporary folder and
+# renamed when complete, so a kill mid-write leaves the previous checkpoint as the latest).
+
+
+def checkpoint_manager(workdir: Path, config: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / CHECKPOINTS, options=options, item_names=("params", "ema", "opt_state")
+    )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
+    step = int(state.step)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
+            ema=ocp.args.StandardSave(nnx.to_pure_dict(state.ema)),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+        ),
+    )
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract: TrainState, step: int) -> TrainState:
+    def pure(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.to_pure_dict(tree))
+
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(pure(abstract.params)),
+            ema=ocp.args.StandardRestore(pure(abstract.ema)),
+            opt_state=ocp.args.StandardRestore(
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract.opt_state)
+            ),
+        ),
+    )
+
+    def fill(template, values):
+        template = jax.tree.map(lambda x: x, template)
+        nnx.replace_by_pure_dict(template, values)
+        return template
+
+    params, ema = fill(abstract.params, restored.params), fill(abstract.ema, restored.ema)
+    return TrainState(jnp.asarray(step, jnp.int32), params, ema, restored.opt_state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distribution.
+
+
+def setup_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize from flags, or auto-detected on SLURM (several tasks) and Cloud TPU."""
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
+        jax.distributed.initialize()
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def check_config(config: TrainConfig, num_devices: int) -> None:
+    """Every value checked before anything compiles; the message names the flag and what is allowed."""
+    from ddpm_jax.config import VARIANTS
+    from ddpm_jax.schedules import SCHEDULES
+
+    def need(ok, flag, expected):
+        if not ok:
+            value = getattr(config, flag.lstrip("-").replace("-", "_"))
+            raise ValueError(f"--{flag.lstrip('-')} {value}: expected {expected}")
+
+    need(config.model in VARIANTS, "model", f"one of {list(VARIANTS)}")
+    need(config.schedule in SCHEDULES, "schedule", f"one of {sorted(SCHEDULES)}")
+    need(config.loss in diffusion.LOSSES, "loss", f"one of {list(diffusion.LOSSES)}")
+    need(config.sampler in diffusion.SAMPLERS, "sampler", f"one of {list(diffusion.SAMPLERS)}")
+    need(config.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
+    for flag in ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every",
+                 "num_samples", "sampling_steps", "log_every", "ema_every", "keep_checkpoints", "embedded_size"):
+        need(getattr(config, flag) > 0, flag.replace("_", "-"), "a positive integer")
+    need(config.lr > 0, "lr", "a positive number")
+    need(0 <= config.ema_decay < 1, "ema-decay", "a number in [0, 1)")
+    need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim-mults", "positive integers, e.g. 1,2,4,8")
+    need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
+    factor = 2 ** (len(config.dim_mults) - 1)
+    need(config.image_size % factor == 0, "image-size", f"a multiple of {factor} (2^(levels-1) for {len(config.dim_mults)} levels)")
+    need(config.batch_size % num_devices == 0, "batch-size", f"a multiple of the device count ({num_devices})")
+    need(config.sampling_steps <= config.timesteps, "sampling-steps", f"at most --timesteps ({config.timesteps})")
+    betas = np.asarray(make_schedule(config.schedule, config.timesteps).betas)
+    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(
+            f"--schedule {config.schedule} with --timesteps {config.timesteps} gives betas outside (0, 1) "
+            f"(range {np.nanmin(betas):.3g}..{np.nanmax(betas):.3g}); the linear schedule needs --timesteps > 20"
+        )
+
+
+def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None:
+    """Write config.json, or check a resumed run against it: a changed model shape is an error."""
+    path = workdir / CONFIG_JSON
+    if path.is_file():
+        saved = TrainConfig.from_dict(read_json(path), str(path))
+        changed = [f"--{f.replace('_', '-')} {getattr(saved, f)} -> {getattr(config, f)}"
+                   for f in SHAPE_FIELDS if getattr(saved, f) != getattr(config, f)]
+        if changed and any((workdir / CHECKPOINTS).glob("[0-9]*")):
+            raise TrainingError(
+                f"{workdir} holds checkpoints of a different model ({'; '.join(changed)}). "
+                f"Use a new --workdir, or the saved values."
+            )
+    if is_writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(config.to_json())
+
+
+def load_images(config: TrainConfig) -> np.ndarray:
+    if config.data == data.EMBEDDED_NAME:
+        return data.embedded_dataset(config.embedded_size, config.image_size, seed=0)
+    return data.load_image_folder(config.data, config.image_size)
+
+
+def save_grid(images_BHWC: np.ndarray, path: Path) -> None:
+    """A square-ish grid PNG of images in [0, 1]."""
+    from PIL import Image
+
+    n, h, w, c = images_BHWC.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    pixels = (np.clip(images_BHWC, 0, 1) * 255 + 0.5).astype(np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT request a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, workdir, *, progress: bool = True) -> TrainState:
+    """Train (or resume) in `workdir`; returns the final state. See README for the workdir layout."""
+    workdir = Path(workdir).absolute()
+    num_devices = jax.device_count()
+    check_config(config, num_devices)
+    is_writer = jax.process_index() == 0
+    prepare_workdir(workdir, config, is_writer)
+
+    images = load_images(config)
+    mesh = data_mesh()
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    tx = make_optimizer(config)
+    schedule = make_schedule(config.schedule, config.timesteps)
+    graphdef, abstract = nnx.eval_shape(lambda: init_state(config, tx))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+
+    manager = checkpoint_manager(workdir, config)
+    latest = manager.latest_step()
+    if latest is None:
+        state = jax.jit(lambda: init_state(config, tx)[1], out_shardings=replicated)()
+    else:
+        state = restore_checkpoint(manager, abstract, latest)
+    start = int(state.step)
+
+    step_fn = jax.jit(
+        partial(train_step, graphdef=graphdef, schedule=schedule, tx=tx, config=config),
+        donate_argnums=0,
+        out_shardings=(replicated, replicated),
+    )
+    key = jax.random.key(config.seed)
+    sample_key = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)
+
+    def sample_grid(state):
+        ema_model = nnx.merge(graphdef, state.ema)
+        images = diffusion.sample(
+            ema_model, schedule, sample_key, config.num_samples, config.image_size,
+            sampler=config.sampler, steps=config.sampling_steps, eta=config.eta,
+        )
+        if is_writer:
+            save_grid(np.asarray(images, np.float32), workdir / SAMPLES / f"step_{int(state.step):06d}.png")
+
+    def host_batch(step):
+        return data.get_batch(images, config.batch_size, config.seed, step,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+
+    metrics_file = open(workdir / METRICS, "a") if is_writer else None
+    bar = None
+    if progress and is_writer:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True)
+    pending, last_saved, t_log = [], latest, time.perf_counter()
+
+    def flush(step):
+        """Fetch the metrics since the last flush, stop on a non-finite loss, log them."""
+        nonlocal pending, t_log
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        now = time.perf_counter()
+        losses = np.array([m["loss"] for m in fetched])
+        if not np.all(np.isfinite(losses)):
+            bad = step - len(losses) + int(np.argmax(~np.isfinite(losses))) + 1
+            raise TrainingError(
+                f"non-finite loss at step {bad}; stopped without saving. The last good checkpoint "
+                f"(step {last_saved}) is in {workdir / CHECKPOINTS}. Try a lower --lr or --grad-clip."
+            )
+        steps_per_s = len(fetched) / (now - t_log)
+        record = {
+            "step": step,
+            "loss": float(losses.mean()),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "lr": float(fetched[-1]["lr"]),
+            "steps_per_s": steps_per_s,
+            "images_per_s": steps_per_s * config.batch_size,
+        }
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+        pending, t_log = [], now
+
+    def checkpoint(state):
+        nonlocal last_saved
+        flush(int(state.step))
+        if last_saved != int(state.step):
+            save_checkpoint(manager, state)
+            last_saved = int(state.step)
+
+    try:
+        with _StopFlag() as stop, data.Prefetcher(host_batch, start, sharding=batch_sharding) as batches:
+            for step, batch in batches:
+                if step >= config.steps:
+                    break
+                state, metrics = step_fn(state, batch, key)
+                pending.append(metrics)
+                done = step + 1
+                if done == start + 1:  # the first step compiles: keep it out of the throughput
+                    jax.block_until_ready(metrics)
+                    compile_s, t_log, pending = time.perf_counter() - t_log, time.perf_counter(), []
+                    if bar is not None:
+                        bar.write(f"compiled the train step in {compile_s:.1f} s")
+                if bar is not None:
+                    bar.update(1)
+                if done % config.log_every == 0:
+                    flush(done)
+                if done % config.save_every == 0:
+                    checkpoint(state)
+                if done % config.sample_every == 0:
+                    sample_grid(state)
+                if _stop_requested(stop):
+                    checkpoint(state)
+                    print(f"\nstopped by signal {stop.signal} at step {done}; checkpoint saved in "
+                          f"{workdir / CHECKPOINTS}. Run the same command to resume.", file=sys.stderr)
+                    return state
+            if int(state.step) > start or latest is None:
+                checkpoint(state)
+                sample_grid(state)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+        manager.close()
+    if is_writer and progress:
+        print(f"done: step {int(state.step)}; samples in {workdir / SAMPLES}, checkpoints in "
+              f"{workdir / CHECKPOINTS}, metrics in {workdir / METRICS}")
+    return state
+
+
+def _stop_requested(stop: _StopFlag) -> bool:
+    """A signal on any process stops every process at the same step."""
+    requested = stop.signal is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line (train.py is a thin entry to `main`).
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache, so a second run of the same program compiles in seconds."""
+    path = os.environ.get("DDPM_JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "ddpm_jax" / "xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _parse_mults(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        mults = tuple(int(m) for m in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+    return mults
+
+
+def parse_args(argv=None):
+    import argparse
+
+    from ddpm_jax.config import PRESETS, VARIANTS
+    from ddpm_jax.schedules import SCHEDULES
+
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train the article's DDPM U-Net with JAX on the embedded dataset or an image folder. "
+        "Run it again on the same --workdir to resume from the latest checkpoint.",
+    )
+    parser.add_argument("--workdir", default=None, help="run folder: config, metrics, samples, checkpoints "
+                        "(default: runs/<preset>)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="base config; flags override it. 'article' is the article's 128 px run")
+    choices = {"model": list(VARIANTS), "schedule": sorted(SCHEDULES), "loss": list(diffusion.LOSSES),
+               "sampler": list(diffusion.SAMPLERS), "precision": ["fp32", "bf16"]}
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _parse_mults if field.name == "dim_mults" else type(field.default)
+        parser.add_argument(flag, type=kind, choices=choices.get(field.name), default=None,
+                            help=f"{field.metadata['help']} (preset default: {field.default})")
+    dist = parser.add_argument_group("multi-host (auto-detected on SLURM and Cloud TPU)")
+    dist.add_argument("--coordinator", help="host:port of process 0 for jax.distributed.initialize")
+    dist.add_argument("--num-processes", type=int, help="total number of processes")
+    dist.add_argument("--process-id", type=int, help="this process's index, 0-based")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    config = dataclasses.replace(PRESETS[args.preset], **overrides)
+    workdir = args.workdir or os.path.join("runs", args.preset)
+    return args, config, workdir
+
+
+def main(argv=None) -> int:
+    args, config, workdir = parse_args(argv)
+    try:
+        enable_compilation_cache()
+        setup_distributed(args.coordinator, args.num_processes, args.process_id)
+        train(config, workdir, progress=not args.no_progress)
+    except (ValueError, TrainingError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
+    return 0

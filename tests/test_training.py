@@ -1,0 +1,173 @@
+"""The trainer: exact resume, device/process equivalence, EMA schedule, signals, errors, the CLI."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import training
+from ddpm_jax.config import TrainConfig
+from ddpm_jax.convert import load_model, to_torch_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = TrainConfig(
+    dim=8, dim_mults=(1, 2), image_size=16, batch_size=4, steps=8, save_every=4, sample_every=1000,
+    sampling_steps=2, num_samples=4, log_every=2, embedded_size=32, timesteps=100,
+)
+TINY_FLAGS = [
+    "--dim", "8", "--dim-mults", "1,2", "--image-size", "16", "--batch-size", "4", "--save-every", "4",
+    "--sample-every", "1000", "--sampling-steps", "2", "--num-samples", "4", "--log-every", "2",
+    "--embedded-size", "32", "--timesteps", "100", "--no-progress",
+]
+
+
+def _weights(path, ema=False):
+    return to_torch_state(load_model(path, ema=ema))
+
+
+def _max_diff(a, b):
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _run(args, env=None, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300, **kwargs)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """4 steps, stop, 4 more gives the same params, EMA and optimizer state as 8 in one go."""
+    whole = training.train(TINY, tmp_path / "whole", progress=False)
+    training.train(dataclasses.replace(TINY, steps=4), tmp_path / "split", progress=False)
+    resumed = training.train(TINY, tmp_path / "split", progress=False)
+    assert int(resumed.step) == int(whole.step) == 8
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _max_diff(_weights(tmp_path / "whole" / "checkpoints" / "4"), _weights(tmp_path / "whole")) > 1e-5
+    metrics = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8]
+    assert all(set(m) >= {"loss", "grad_norm", "lr", "steps_per_s", "images_per_s"} for m in metrics)
+    assert (tmp_path / "whole" / "samples" / "step_000008.png").is_file()
+
+
+def test_loss_decreases_on_embedded_data(tmp_path):
+    config = dataclasses.replace(TINY, steps=60, lr=1e-3, batch_size=8, log_every=10, save_every=60)
+    training.train(config, tmp_path, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_ema_follows_ema_pytorch_schedule():
+    """Copy on update steps up to ema_start, then min(beta, 1 - (1 + e)^(-2/3)); unchanged off update steps."""
+    config = TrainConfig(ema_decay=0.995, ema_every=10, ema_start=100)
+    decay = lambda s: float(training.ema_decay(config, jnp.int32(s)))  # noqa: E731
+    assert decay(0) == 0.0 and decay(100) == 0.0 and decay(7) == 1.0 and decay(105) == 1.0
+    assert decay(110) == pytest.approx(1 - 11 ** (-2 / 3))
+    assert decay(100_000) == pytest.approx(0.995)
+
+
+def test_changed_model_on_resume_is_an_error(tmp_path):
+    training.train(dataclasses.replace(TINY, steps=2, save_every=2), tmp_path, progress=False)
+    with pytest.raises(training.TrainingError, match="--dim 8 -> 16"):
+        training.train(dataclasses.replace(TINY, dim=16), tmp_path, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    training.train(dataclasses.replace(TINY, steps=2, save_every=2), tmp_path, progress=False)
+    good = _weights(tmp_path)
+    exploding = dataclasses.replace(TINY, steps=40, save_every=2, lr=1e12, weight_decay=0.0)
+    with pytest.raises(training.TrainingError, match=r"non-finite loss at step \d+; .* \(step 2\)"):
+        training.train(exploding, tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+    assert _max_diff(good, _weights(tmp_path)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--image-size", "15"], "--image-size 15: expected a multiple of 2"),
+        (["--steps", "0"], "--steps 0: expected a positive integer"),
+        (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
+        (["--batch-size", "3"], "--batch-size 3: expected a multiple of the device count (2)"),
+        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, flags, message):
+    result = _run([*TINY_FLAGS, "--workdir", str(tmp_path), *flags], env={"JAX_NUM_CPU_DEVICES": "2"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_help_explains_every_flag():
+    result = _run(["--help"])
+    assert result.returncode == 0
+    for flag in ("--workdir", "--data", "--model", "--image-size", "--dim", "--dim-mults", "--schedule",
+                 "--timesteps", "--loss", "--batch-size", "--steps", "--lr", "--ema-decay", "--save-every",
+                 "--sample-every", "--num-samples", "--sampler", "--sampling-steps", "--precision", "--seed",
+                 "--preset", "--coordinator", "--num-processes", "--process-id"):
+        assert flag in result.stdout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_devices_and_two_processes_match_one_device(tmp_path):
+    flags = [*TINY_FLAGS, "--steps", "6"]
+    single = _run([*flags, "--workdir", str(tmp_path / "one")], env={"JAX_NUM_CPU_DEVICES": "1"})
+    assert single.returncode == 0, single.stderr
+    double = _run([*flags, "--workdir", str(tmp_path / "two")], env={"JAX_NUM_CPU_DEVICES": "2"})
+    assert double.returncode == 0, double.stderr
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *flags, "--workdir", str(tmp_path / "procs"),
+             "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=ROOT, env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    one = _weights(tmp_path / "one")
+    moved = _max_diff(one, _weights(tmp_path / "one" / "checkpoints" / "4"))
+    assert moved > 1e-5
+    assert _max_diff(one, _weights(tmp_path / "two")) < 1e-5
+    assert _max_diff(one, _weights(tmp_path / "procs")) < 1e-5
+
+
+def test_sigterm_saves_then_exits_0_and_resume_finishes(tmp_path):
+    flags = [*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", "100000", "--save-every", "100000"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 4 and f"step {saved[0]}" in err
+    resumed = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", str(saved[0] + 2)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == saved[0] + 2
+
+
+def test_bf16_trains_finite(tmp_path):
+    state = training.train(dataclasses.replace(TINY, steps=4, precision="bf16"), tmp_path, progress=False)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert load_model(tmp_path, dtype=jnp.bfloat16)(jnp.zeros((1, 16, 16, 3)), jnp.array([5])).dtype == jnp.bfloat16
