@@ -1,0 +1,83 @@
+"""Sample images from any checkpoint `load_model` reads: a workdir, a model directory, a torch .pt.
+
+    python -m ddpm_jax.sample --checkpoint runs/default --num 16 --sampler ddim --steps 50 --out grid.png
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax.config import TrainConfig, read_json
+from ddpm_jax.convert import ConversionError, load_model
+from ddpm_jax.schedules import SCHEDULES, make_schedule
+
+
+def _run_config(checkpoint: Path) -> TrainConfig | None:
+    """The training config next to a workdir or one of its checkpoints, for defaults; None elsewhere."""
+    for folder in (checkpoint, checkpoint.parent.parent):
+        if (folder / "config.json").is_file():
+            return TrainConfig.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+    return None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ddpm_jax.sample", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoints/<step> folder, "
+                        "a model directory (convert to-flax) or a torch .pt/.pth")
+    parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    parser.add_argument("--sampler", choices=diffusion.SAMPLERS, default="ddim", help="default ddim")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; ddpm always runs T)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
+    parser.add_argument("--image-size", type=int, help="default: the run's, else 32")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), help="default: the run's, else linear")
+    parser.add_argument("--timesteps", type=int, help="default: the run's, else 1000")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    parser.add_argument("--out", default="samples.png", help="grid PNG to write (default samples.png)")
+    parser.add_argument("--out-dir", help="also write each image as <out-dir>/000000.png, ...")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from ddpm_jax.training import enable_compilation_cache, save_grid
+
+    args = parse_args(argv)
+    try:
+        for flag in ("num", "steps", "image_size", "timesteps"):
+            value = getattr(args, flag)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+        enable_compilation_cache()
+        checkpoint = Path(args.checkpoint)
+        run = _run_config(checkpoint) if checkpoint.is_dir() else None
+        image_size = args.image_size or (run.image_size if run else 32)
+        schedule = make_schedule(args.schedule or (run.schedule if run else "linear"),
+                                 args.timesteps or (run.timesteps if run else 1000))
+        model = load_model(checkpoint, ema=args.ema)
+        images = diffusion.sample(model, schedule, jax.random.key(args.seed), args.num, image_size,
+                                  sampler=args.sampler, steps=args.steps, eta=args.eta)
+        images = np.asarray(images, np.float32)
+        save_grid(images, Path(args.out))
+        if args.out_dir:
+            from PIL import Image
+
+            out_dir = Path(args.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate((np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)):
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(out_dir / f"{i:06d}.png")
+    except (ConversionError, ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}" + (f" and {args.num} images in {args.out_dir}" if args.out_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

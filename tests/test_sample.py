@@ -1,0 +1,54 @@
+"""The sampling CLI: any checkpoint kind, deterministic by seed, grid and single images, clear errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm_torch
+from ddpm_jax.sample import main
+
+COMMON = ["--num", "4", "--sampler", "ddim", "--steps", "3", "--timesteps", "100", "--image-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def torch_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "unet.pt"
+    torch.save(ddpm_torch.TwoResUNet(8, dim_mults=(1, 2)).state_dict(), path)
+    return path
+
+
+def test_same_seed_same_images_and_out_dir(tmp_path, torch_checkpoint):
+    args = ["--checkpoint", str(torch_checkpoint), *COMMON]
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "a.png"), "--out-dir", str(tmp_path / "single")]) == 0
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "b.png")]) == 0
+    assert main([*args, "--seed", "2", "--out", str(tmp_path / "c.png")]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert a.shape == (32, 32, 3)  # 2 x 2 grid of 16 px images
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    singles = sorted((tmp_path / "single").iterdir())
+    assert [p.name for p in singles] == [f"{i:06d}.png" for i in range(4)]
+    assert np.array_equal(np.asarray(Image.open(singles[0])), a[:16, :16])
+
+
+def test_ddpm_sampler_from_model_directory(tmp_path, torch_checkpoint):
+    from ddpm_jax.convert import main as convert
+
+    assert convert(["to-flax", str(torch_checkpoint), str(tmp_path / "flax")]) == 0
+    out = tmp_path / "ddpm.png"
+    assert main(["--checkpoint", str(tmp_path / "flax"), "--num", "2", "--sampler", "ddpm", "--timesteps", "30",
+                 "--image-size", "16", "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == (16, 32, 3)
+
+
+def test_bad_checkpoint_exits_2_without_traceback(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "ddpm_jax.sample", "--checkpoint", str(tmp_path / "junk.pt"),
+                             "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "junk.pt" in result.stderr and "Traceback" not in result.stderr
+    assert main(["--checkpoint", str(tmp_path / "junk.pt"), "--num", "0"]) == 2
