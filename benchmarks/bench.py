@@ -214,6 +214,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     threads = os.cpu_count()
+    # Without it torch's OpenMP threads spin after each op and fight XLA's pool for the same cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(threads)
