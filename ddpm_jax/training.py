@@ -143,7 +143,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract: TrainState, ste
         return template
 
     params, ema = fill(abstract.params, restored.params), fill(abstract.ema, restored.ema)
-    return TrainState(jnp.asarray(step, jnp.int32), params, ema, restored.opt_state)
+    # The step counter gets the sharding the train step returns, or its second call would compile again.
+    step_array = jax.make_array_from_callback((), abstract.step.sharding, lambda _: np.int32(step))
+    return TrainState(step_array, params, ema, restored.opt_state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,10 +219,10 @@ def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None
         path.write_text(config.to_json())
 
 
-def load_images(config: TrainConfig) -> np.ndarray:
+def load_images(config: TrainConfig, strict: bool = False) -> np.ndarray:
     if config.data == data.EMBEDDED_NAME:
         return data.embedded_dataset(config.embedded_size, config.image_size, seed=0)
-    return data.load_image_folder(config.data, config.image_size)
+    return data.load_image_folder(config.data, config.image_size, strict=strict)
 
 
 def save_grid(images_BHWC: np.ndarray, path: Path) -> None:
@@ -259,15 +261,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def train(config: TrainConfig, workdir, *, progress: bool = True) -> TrainState:
-    """Train (or resume) in `workdir`; returns the final state. See README for the workdir layout."""
+def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool = False) -> TrainState:
+    """Train (or resume) in `workdir`; returns the final state. See README for the workdir layout.
+
+    strict: an unreadable file in an image folder is an error instead of being skipped with a warning.
+    """
     workdir = Path(workdir).absolute()
     num_devices = jax.device_count()
     check_config(config, num_devices)
     is_writer = jax.process_index() == 0
     prepare_workdir(workdir, config, is_writer)
 
-    images = load_images(config)
+    images = load_images(config, strict)
     mesh = data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(config)
@@ -346,7 +351,15 @@ def train(config: TrainConfig, workdir, *, progress: bool = True) -> TrainState:
         nonlocal last_saved
         flush(int(state.step))
         if last_saved != int(state.step):
-            save_checkpoint(manager, state)
+            try:
+                save_checkpoint(manager, state)
+            except Exception as e:  # a full disk arrives as OSError, or as ValueError from tensorstore
+                previous = "No checkpoint was saved before." if last_saved is None else (
+                    f"The previous checkpoint (step {last_saved}) is intact.")
+                raise TrainingError(
+                    f"could not save the checkpoint of step {int(state.step)} in {workdir / CHECKPOINTS}: {e}\n"
+                    f"{previous} Free disk space (or fix the cause above) and run the same command to resume."
+                ) from e
             last_saved = int(state.step)
 
     try:
@@ -448,6 +461,8 @@ def parse_args(argv=None):
     dist.add_argument("--coordinator", help="host:port of process 0 for jax.distributed.initialize")
     dist.add_argument("--num-processes", type=int, help="total number of processes")
     dist.add_argument("--process-id", type=int, help="this process's index, 0-based")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file in --data "
+                        "(default: skip it with a warning)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
@@ -463,7 +478,7 @@ def main(argv=None) -> int:
     try:
         enable_compilation_cache()
         setup_distributed(args.coordinator, args.num_processes, args.process_id)
-        train(config, workdir, progress=not args.no_progress)
+        train(config, workdir, progress=not args.no_progress, strict=args.strict)
     except (ValueError, TrainingError, OSError) as e:
         if args.debug:
             raise

@@ -17,8 +17,10 @@ def _to_torch_layout(a):
     return a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T if a.ndim == 2 else a
 
 
-@pytest.mark.parametrize("variant", ["OneResUNet", "TwoResUNet", "AttentionUNet"])
-@pytest.mark.parametrize("loss_type", ["l2", "l1"])
+@pytest.mark.parametrize(
+    "variant,loss_type",
+    [("OneResUNet", "l2"), ("TwoResUNet", "l2"), ("AttentionUNet", "l2"), ("TwoResUNet", "l1")],
+)
 def test_loss_gradients(variant, loss_type):
     torch_model, flax_model = torch_and_flax(variant, dim=8, dim_mults=(1, 2))
     reference = DiffusionModel(torch_model, 16, timesteps=1000)

@@ -11,8 +11,12 @@ CASES = [
     # (dim, dim_mults, image size, extra constructor kwargs)
     (8, (1, 2), 16, {}),
     (16, (1, 2, 4), 32, {}),
-    (8, (1, 2, 2, 4), 16, {"channels": 1, "out_dim": 2}),
 ]
+
+
+def test_forward_other_channels():
+    """Grayscale in, two channels out, four levels: the converter infers all of it."""
+    test_forward("TwoResUNet", 8, (1, 2, 2, 4), 16, {"channels": 1, "out_dim": 2})
 
 
 @pytest.mark.parametrize("variant", ["OneResUNet", "TwoResUNet", "AttentionUNet"])

@@ -1,0 +1,195 @@
+"""Robustness: unusable image folders and --debug at the CLIs, a full disk while saving, kill -9 while
+training and while a checkpoint is being written (real processes, real signals)."""
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from ddpm_jax import convert, sample, training
+from ddpm_jax.convert import ConversionError
+from ddpm_jax.data import DataError
+from test_training import ROOT, TINY, TINY_FLAGS, _max_diff, _run, _weights
+
+# Orbax writes a checkpoint into <step>.orbax-checkpoint-tmp[-<n>]/ and renames it to <step>/ once complete.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir holding TINY's complete checkpoint at step 4; the tests below start from copies of it."""
+    workdir = tmp_path_factory.mktemp("trained")
+    training.train(dataclasses.replace(TINY, steps=4), workdir, progress=False)
+    return workdir
+
+
+def _checkpoints(workdir):
+    names = os.listdir(workdir / "checkpoints")
+    return sorted(int(n) for n in names if n.isdigit()), [n for n in names if TMP_SUFFIX in n]
+
+
+def _logged_steps(workdir):
+    """Steps in metrics.jsonl, read while it is being written: a last line without its newline is left out."""
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1]] if path.is_file() else []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image folders and --debug at the command line.
+
+
+@pytest.mark.filterwarnings("ignore:skipp:UserWarning")  # the skipped file's warnings: see test_data
+@pytest.mark.parametrize("case", ["empty", "no usable image", "strict"])
+def test_train_cli_rejects_unusable_image_folders(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    flags, named = [], folder
+    if case == "no usable image":
+        (folder / "broken.png").write_bytes(b"not a png")
+    if case == "strict":
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(folder / "good.png")
+        (folder / "text.jpg").write_text("not a jpeg")
+        flags, named = ["--strict"], folder / "text.jpg"
+    code = training.main([*TINY_FLAGS, "--workdir", str(tmp_path / "run"), "--data", str(folder), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and str(named) in err and "Traceback" not in err
+    assert training.parse_args([])[0].strict is False  # by default bad files are skipped, not fatal
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    """--debug lets the exception escape (Python prints its traceback); evaluate's is in test_evaluate."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        training.main([*TINY_FLAGS, "--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "empty"), "--debug"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="junk.pt"):
+        sample.main(["--checkpoint", str(tmp_path / "junk.pt"), "--debug"])
+    with pytest.raises(ConversionError, match="junk.pt"):
+        convert.main(["--debug", "to-flax", str(tmp_path / "junk.pt"), str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A full disk while saving.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs to fill up, or None where this process may not mount one (not root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                                 capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    if not mounted:
+        yield None
+        return
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(
+    trained, small_disk, tmp_path, monkeypatch, capsys
+):
+    workdir = shutil.copytree(trained, (small_disk or tmp_path) / "run")
+    command = [*TINY_FLAGS, "--workdir", str(workdir), "--steps", "8"]
+    if small_disk:
+        filler = small_disk / "filler"  # leaves room for config.json and metrics, not for a checkpoint
+        filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 256 * 1024))
+        # A real process: Orbax's other writers go on failing (and logging tracebacks) after the first
+        # error reaches us, until the process exits.
+        result = _run(command)
+        code, err = result.returncode, result.stderr
+    else:  # without root: the kernel's error, raised where Orbax saves step 8
+        save = ocp.CheckpointManager.save
+
+        def full_disk(self, step, *args, **kwargs):
+            if step == 8:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))
+            return save(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+        code, err = training.main(command), capsys.readouterr().err
+    assert code == 1, err[-3000:]
+    assert f"error: could not save the checkpoint of step 8 in {workdir / 'checkpoints'}" in err
+    assert "No space left on device" in err and "The previous checkpoint (step 4) is intact" in err
+    complete, half_written = _checkpoints(workdir)
+    assert complete == [4] and [n.split(".")[0] for n in half_written] == (["8"] if small_disk else [])
+    assert _max_diff(_weights(trained), _weights(workdir)) == 0.0  # load_model skips the half-written one
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kill -9 (real processes, real signals).
+
+
+def _start(workdir, log, *flags):
+    """train.py in the background, its output to a file (an unread pipe could fill up and stall it)."""
+    command = [sys.executable, str(ROOT / "train.py"), *TINY_FLAGS, "--workdir", str(workdir), *flags]
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _kill_9_when(proc, condition, what, log):
+    deadline = time.monotonic() + 240
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"train.py exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within 240 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_kill_9_during_training_resumes_from_the_last_checkpoint(trained, tmp_path):
+    workdir, log = shutil.copytree(trained, tmp_path / "run"), tmp_path / "log"
+    command = ["--steps", "16"]
+    _kill_9_when(_start(workdir, log, *command), lambda: 10 in _logged_steps(workdir),
+                 "step 10 in metrics.jsonl (logged after the step-8 checkpoint)", log)
+    last = max(_checkpoints(workdir)[0])
+    assert 8 <= last < 16
+    logged = len(_logged_steps(workdir))
+
+    result = _run([*TINY_FLAGS, "--workdir", str(workdir), *command])
+    assert result.returncode == 0, result.stderr
+    assert max(_checkpoints(workdir)[0]) == 16
+    assert _logged_steps(workdir)[logged:] == list(range(last + 2, 17, 2))  # resumed at `last`, not at 0
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_newest_complete_one(trained, tmp_path):
+    """Every step saves, so a write is nearly always in progress; SIGKILL as soon as one is seen."""
+    workdir, log = shutil.copytree(trained, tmp_path / "run"), tmp_path / "log"
+    command = ["--steps", "8", "--save-every", "1"]
+    for _ in range(3):  # the write may still finish between seeing it and the signal landing
+        _kill_9_when(_start(workdir, log, *command), lambda: _checkpoints(workdir)[1], "checkpoint write", log)
+        complete, half_written = _checkpoints(workdir)
+        if half_written:
+            break
+    else:
+        pytest.fail("every write completed before SIGKILL landed")
+    last = max(complete)
+    assert [n.split(".")[0] for n in half_written] == [str(last + 1)]
+    # load_model takes the newest complete checkpoint, not the half-written one
+    assert _max_diff(_weights(workdir), _weights(workdir / "checkpoints" / str(last))) == 0.0
+    logged = len(_logged_steps(workdir))
+
+    result = _run([*TINY_FLAGS, "--workdir", str(workdir), *command])
+    assert result.returncode == 0, result.stderr
+    complete, half_written = _checkpoints(workdir)
+    assert complete == [6, 7, 8] and half_written == []  # Orbax replaced the half-written folder
+    assert all(step > last for step in _logged_steps(workdir)[logged:])
