@@ -9,7 +9,6 @@ the persistent compilation cache. PyTorch runs eager and, unless --no-torch-comp
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

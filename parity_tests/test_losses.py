@@ -1,7 +1,6 @@
 """q_sample and both training losses with shared x0, t and noise: <= 1e-6 relative."""
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 

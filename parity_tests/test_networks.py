@@ -1,7 +1,6 @@
 """Forward pass of all three U-Nets with weights converted from a torch init: <= 1e-5 max-abs."""
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 
