@@ -23,22 +23,14 @@ import numpy as np
 from flax import nnx
 
 from ddpm_jax.config import ModelConfig, read_json
+from ddpm_jax.schedules import Schedule
 from ddpm_jax.unets import UNETS
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
-# Schedule buffers a reference DiffusionModel adds to its state_dict next to `model.*`.
-DIFFUSION_BUFFERS = frozenset(
-    {
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_recip_alphas",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "posterior_variance",
-    }
-)
+# Schedule buffers a reference DiffusionModel adds to its state_dict next to `model.*`: the same
+# seven coefficients the Schedule pytree holds.
+DIFFUSION_BUFFERS = frozenset(Schedule._fields)
 
 
 class ConversionError(ValueError):

@@ -25,9 +25,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import data, diffusion
-from ddpm_jax.config import SHAPE_FIELDS, TrainConfig, read_json
+from ddpm_jax.config import PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
 from ddpm_jax.convert import build_model
-from ddpm_jax.schedules import make_schedule
+from ddpm_jax.schedules import SCHEDULES, make_schedule
 
 CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -170,9 +170,6 @@ def data_mesh() -> Mesh:
 
 def check_config(config: TrainConfig, num_devices: int) -> None:
     """Every value checked before anything compiles; the message names the flag and what is allowed."""
-    from ddpm_jax.config import VARIANTS
-    from ddpm_jax.schedules import SCHEDULES
-
     def need(ok, flag, expected):
         if not ok:
             value = getattr(config, flag.lstrip("-").replace("-", "_"))
@@ -438,8 +435,6 @@ def _parse_mults(text: str) -> tuple[int, ...]:
 def parse_args(argv=None):
     import argparse
 
-    from ddpm_jax.config import PRESETS, VARIANTS
-    from ddpm_jax.schedules import SCHEDULES
 
     parser = argparse.ArgumentParser(
         prog="train.py",
