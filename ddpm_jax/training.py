@@ -435,7 +435,6 @@ def _parse_mults(text: str) -> tuple[int, ...]:
 def parse_args(argv=None):
     import argparse
 
-
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train the article's DDPM U-Net with JAX on the embedded dataset or an image folder. "
