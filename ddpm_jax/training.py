@@ -7,6 +7,7 @@ run replays exactly what an uninterrupted one would have done.
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -100,6 +101,15 @@ def train_step(state: TrainState, batch_BHWC, key, *, graphdef, schedule, tx, co
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: workdir/checkpoints/<step>/{params,ema,opt_state} (Orbax; written to a temporary folder and
 # renamed when complete, so a kill mid-write leaves the previous checkpoint as the latest).
+
+
+def _not_our_wait(record: logging.LogRecord) -> bool:
+    """Orbax files the time of our own blocking `wait_until_finished()` after a save under the next save,
+    as "Waiting for previous save to complete took ... consider checkpointing less frequently": drop it."""
+    return not str(record.msg).startswith("Waiting for previous save to complete")
+
+
+logging.getLogger("absl").addFilter(_not_our_wait)
 
 
 def checkpoint_manager(workdir: Path, config: TrainConfig) -> ocp.CheckpointManager:
