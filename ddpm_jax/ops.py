@@ -67,6 +67,7 @@ def _compute_dtype(*dtypes):
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+@partial(jax.jit, static_argnums=(2, 3, 4))
 def _shift_accumulate(xp_BHWC, k_hwC, out_h, out_w, out_dtype):
     """y[b, h, w, c] = sum_ij xp[b, h + i, w + j, c] * k[i, j, c], one elementwise fusion per row block.
 
@@ -103,6 +104,7 @@ def _largest_divisor_at_most(n, cap):
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
+@partial(jax.jit, static_argnums=(2, 3, 4))
 def _kernel_grad(xp_BHWC, g_BHWC, kh, kw, max_terms=32):
     """dk[i, j, c] = sum_bhw xp[b, h + i, w + j, c] * g[b, h, w, c].
 
