@@ -9,6 +9,7 @@ the persistent compilation cache. PyTorch runs eager and, unless --no-torch-comp
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -112,11 +113,13 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
     from flax import nnx
 
     from ddpm_jax import diffusion, training
-    from ddpm_jax.config import TrainConfig
+    from ddpm_jax.config import PRESETS
     from ddpm_jax.schedules import make_schedule
 
-    config = TrainConfig(model=cfg["model"], dim=cfg["dim"], dim_mults=cfg["dim_mults"],
-                         image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision)
+    # The article's optimizer (AdamW 1e-4, no warm-up or clipping), as the PyTorch side uses; the JAX step
+    # also carries the EMA update, which the PyTorch step leaves out.
+    config = dataclasses.replace(PRESETS["article"], model=cfg["model"], dim=cfg["dim"], dim_mults=cfg["dim_mults"],
+                                 image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision)
     tx = training.make_optimizer(config)
     schedule = make_schedule("linear", 1000)
     graphdef, state = training.init_state(config, tx)
