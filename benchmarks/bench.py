@@ -111,6 +111,8 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from ddpm_jax import diffusion, training
     from ddpm_jax.config import PRESETS
@@ -122,8 +124,12 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
                                  image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision)
     tx = training.make_optimizer(config)
     schedule = make_schedule("linear", 1000)
+    # As the trainer: parameters replicated, the batch split over the devices.
+    mesh = training.data_mesh()
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = training.init_state(config, tx)
-    x = jnp.asarray(x_np)
+    state = jax.device_put(state, replicated)
+    x = jax.device_put(x_np, batch_sharding)
     key = jax.random.key(0)
     sync = jax.block_until_ready
     out = {}
@@ -134,6 +140,7 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
         step = jax.jit(
             lambda s, b, k: training.train_step(s, b, k, graphdef=graphdef, schedule=schedule, tx=tx, config=config),
             donate_argnums=0,
+            out_shardings=(replicated, replicated),
         )
         return step.lower(state, x, key).compile(), time.perf_counter() - t0
 
@@ -162,7 +169,7 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
     model = nnx.merge(graphdef, holder["state"].params)
     fwd_graphdef, fwd_state = nnx.split(model)
     forward = jax.jit(lambda s, x, t: nnx.merge(fwd_graphdef, s)(x, t))
-    t_B = jnp.full((x.shape[0],), 500, jnp.int32)
+    t_B = jax.device_put(jnp.full((x.shape[0],), 500, jnp.int32), batch_sharding)
     for _ in range(args.warmup):
         sync(forward(fwd_state, x, t_B))
     out["forward"] = median_time(lambda: forward(fwd_state, x, t_B), args.repeats, sync)
@@ -170,7 +177,7 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
     share = make_schedule("linear", args.sample_steps)  # same per-step work, fewer steps
 
     def sample_share():
-        return diffusion.sample(model, share, key, x.shape[0], x.shape[1])
+        return diffusion.sample(model, share, key, x.shape[0], x.shape[1], batch_sharding=batch_sharding)
 
     sync(sample_share())
     out["sample_1000"] = median_time(sample_share, max(3, args.repeats // 2), sync) * 1000 / args.sample_steps
@@ -225,12 +232,13 @@ def main(argv=None):
     os.environ["DDPM_JAX_COMPILATION_CACHE"] = cache
     import jax
 
+    from ddpm_jax.training import enable_compilation_cache, use_cpu_cores_as_devices
+
+    cfg = CONFIGS[args.config]
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    from ddpm_jax.training import enable_compilation_cache
-
+        use_cpu_cores_as_devices(cfg["batch_size"])  # as train.py does: data parallel over the cores
     enable_compilation_cache()
-    cfg = CONFIGS[args.config]
     rng = np.random.default_rng(0)
     shape = (cfg["batch_size"], cfg["image_size"], cfg["image_size"], 3)
     x_np = rng.uniform(-1, 1, shape).astype(np.float32)
@@ -246,7 +254,8 @@ def main(argv=None):
         "config": {**cfg, "dim_mults": list(cfg["dim_mults"]), "name": args.config, "precision": args.precision,
                    "optimizer": "AdamW lr 1e-4 betas (0.9, 0.99) wd 0.01", "threads": threads,
                    "device": args.device, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                   "jax_device": str(jax.devices()[0].device_kind), "torch": torch.__version__, "jax": jax.__version__,
+                   "jax_device": str(jax.devices()[0].device_kind), "jax_devices": jax.device_count(),
+                   "torch": torch.__version__, "jax": jax.__version__,
                    "sample_note": f"sampling timed over {args.sample_steps} steps, scaled to 1000"},
         "train_step_ratio_jax_over_torch": jx["train_step"] / te["train_step"],
         "forward_ratio_jax_over_torch": jx["forward"] / te["forward"],

@@ -105,14 +105,18 @@ def sample_loop(
     eta: float = 0.0,
     return_all_timesteps: bool = False,
     clip_denoised: bool = True,
+    batch_sharding=None,
 ):
     """Images in [0, 1] space (unclipped, as the reference's `unnormalize`) of shape `shape` (BHWC).
 
     ddpm runs all T steps; ddim runs `steps` (default T). With return_all_timesteps the result has a
-    time axis after the batch holding x_T, ..., x_0. Call it under jit (see `sample`).
+    time axis after the batch holding x_T, ..., x_0. Call it under jit (see `sample`). With
+    `batch_sharding` the images are generated data parallel, split over its devices on the batch axis.
     """
     init_key, step_key = jax.random.split(key)
     x_T = jax.random.normal(init_key, shape, jnp.float32)
+    if batch_sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     T = schedule.num_timesteps
 
     def eps(x, t):
@@ -136,8 +140,8 @@ def sample_loop(
     return (x + 1) * 0.5
 
 
-@partial(jax.jit, static_argnames=("graphdef", "shape", "sampler", "steps", "return_all_timesteps"))
-def _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps):
+@partial(jax.jit, static_argnames=("graphdef", "shape", "sampler", "steps", "return_all_timesteps", "batch_sharding"))
+def _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps, batch_sharding):
     model = nnx.merge(graphdef, state)
     return sample_loop(
         model,
@@ -148,6 +152,7 @@ def _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, retu
         steps=steps,
         eta=eta,
         return_all_timesteps=return_all_timesteps,
+        batch_sharding=batch_sharding,
     )
 
 
@@ -162,8 +167,13 @@ def sample(
     steps: int | None = None,
     eta: float = 0.0,
     return_all_timesteps: bool = False,
+    batch_sharding=None,
 ):
-    """Compile and run the whole sampler as one program; returns images in [0, 1] space, BHWC."""
+    """Compile and run the whole sampler as one program; returns images in [0, 1] space, BHWC.
+
+    batch_sharding (a NamedSharding of the batch axis, with the model replicated over the same devices):
+    split the images over several devices."""
     graphdef, state = nnx.split(model)
     shape = (num_images, image_size, image_size, model.channels)
-    return _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps)
+    return _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps,
+                       batch_sharding)

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import diffusion
 from ddpm_jax.config import TrainConfig, read_json
@@ -44,7 +47,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from ddpm_jax.training import enable_compilation_cache, save_grid
+    from ddpm_jax.training import data_mesh, enable_compilation_cache, save_grid, use_cpu_cores_as_devices
 
     args = parse_args(argv)
     try:
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
             value = getattr(args, flag)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+        use_cpu_cores_as_devices(args.num)
         enable_compilation_cache()
         checkpoint = Path(args.checkpoint)
         run = _run_config(checkpoint) if checkpoint.is_dir() else None
@@ -59,8 +63,13 @@ def main(argv=None) -> int:
         schedule = make_schedule(args.schedule or (run.schedule if run else "linear"),
                                  args.timesteps or (run.timesteps if run else 1000))
         model = load_model(checkpoint, ema=args.ema)
+        batch_sharding = None
+        if jax.device_count() > 1 and args.num % jax.device_count() == 0:  # data parallel over the devices
+            mesh = data_mesh()
+            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+            batch_sharding = NamedSharding(mesh, P("data"))
         images = diffusion.sample(model, schedule, jax.random.key(args.seed), args.num, image_size,
-                                  sampler=args.sampler, steps=args.steps, eta=args.eta)
+                                  sampler=args.sampler, steps=args.steps, eta=args.eta, batch_sharding=batch_sharding)
         images = np.asarray(images, np.float32)
         save_grid(images, Path(args.out))
         if args.out_dir:

@@ -175,3 +175,18 @@ def test_bf16_trains_finite(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert load_model(tmp_path, dtype=jnp.bfloat16)(jnp.zeros((1, 16, 16, 3)), jnp.array([5])).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_cpu_cores_become_devices_unless_the_user_chose(batch_size):
+    cores = len(os.sched_getaffinity(0))
+    expected = max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+    code = ("import jax; from ddpm_jax.training import use_cpu_cores_as_devices as u; "
+            f"r = u({batch_size}); print(r, jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**env, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert chosen.stdout.split() == [str(expected), str(expected)], chosen.stderr
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}, timeout=120)
+    assert kept.stdout.split() == ["None", "1"], kept.stderr
