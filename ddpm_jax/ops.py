@@ -100,7 +100,7 @@ def _pad_hw(x_BHWC, pads):
     return lax.pad(x_BHWC, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
 
 
-def _largest_divisor_at_most(n, cap):
+def largest_divisor_at_most(n, cap):
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
@@ -116,7 +116,7 @@ def _kernel_grad(xp_BHWC, g_BHWC, kh, kw, max_terms=32):
     XLA:CPU runs as scalar code or as one memory-bound pass per tap: 2-4x slower.)
     """
     b, out_h, out_w, c = g_BHWC.shape
-    chunk = _largest_divisor_at_most(out_w, max_terms)
+    chunk = largest_divisor_at_most(out_w, max_terms)
     n_chunks = out_w // chunk
 
     def body(n, acc):

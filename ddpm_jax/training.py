@@ -29,6 +29,7 @@ from ddpm_jax import data, diffusion
 from ddpm_jax.config import PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
 from ddpm_jax.convert import build_model
 from ddpm_jax.schedules import SCHEDULES, make_schedule
+from ddpm_jax.ops import largest_divisor_at_most
 
 CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -187,7 +188,7 @@ def use_cpu_cores_as_devices(batch_size: int) -> int | None:
     if "JAX_NUM_CPU_DEVICES" in os.environ or "device_count" in os.environ.get("XLA_FLAGS", ""):
         return None
     cores = len(os.sched_getaffinity(0))
-    count = max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+    count = largest_divisor_at_most(batch_size, cores)
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # the backends are up: their device count stays
