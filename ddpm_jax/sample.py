@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from ddpm_jax.training import data_mesh, enable_compilation_cache, save_grid, use_cpu_cores_as_devices
+    from ddpm_jax.training import enable_compilation_cache, sample_sharding, save_grid, use_cpu_cores_as_devices
 
     args = parse_args(argv)
     try:
@@ -63,11 +63,9 @@ def main(argv=None) -> int:
         schedule = make_schedule(args.schedule or (run.schedule if run else "linear"),
                                  args.timesteps or (run.timesteps if run else 1000))
         model = load_model(checkpoint, ema=args.ema)
-        batch_sharding = None
-        if jax.device_count() > 1 and args.num % jax.device_count() == 0:  # data parallel over the devices
-            mesh = data_mesh()
-            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
-            batch_sharding = NamedSharding(mesh, P("data"))
+        batch_sharding = sample_sharding(args.num)
+        if batch_sharding is not None:  # data parallel: the model on every device
+            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(batch_sharding.mesh, P())))
         images = diffusion.sample(model, schedule, jax.random.key(args.seed), args.num, image_size,
                                   sampler=args.sampler, steps=args.steps, eta=args.eta, batch_sharding=batch_sharding)
         images = np.asarray(images, np.float32)

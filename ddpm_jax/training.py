@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddpm_jax import data, diffusion
 from ddpm_jax.config import PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
 from ddpm_jax.convert import build_model
-from ddpm_jax.schedules import SCHEDULES, make_schedule
 from ddpm_jax.ops import largest_divisor_at_most
+from ddpm_jax.schedules import SCHEDULES, make_schedule
 
 CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -200,6 +200,15 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def sample_sharding(num_images: int) -> NamedSharding | None:
+    """The sampler's batch split over every device, where the images divide evenly and the result stays
+    addressable by this process (one process); None (one device computes them) otherwise."""
+    count = jax.device_count()
+    if count == 1 or jax.process_count() > 1 or num_images % count:
+        return None
+    return NamedSharding(data_mesh(), P("data"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -328,15 +337,13 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
     )
     key = jax.random.key(config.seed)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)
-    # The sample grid is split over the devices when it can be and stays addressable by this process.
-    splits = jax.process_count() == 1 and config.num_samples % num_devices == 0
-    sample_sharding = batch_sharding if splits and num_devices > 1 else None
+    grid_sharding = sample_sharding(config.num_samples)
 
     def sample_grid(state):
         ema_model = nnx.merge(graphdef, state.ema)
         images = diffusion.sample(
             ema_model, schedule, sample_key, config.num_samples, config.image_size,
-            sampler=config.sampler, steps=config.sampling_steps, eta=config.eta, batch_sharding=sample_sharding,
+            sampler=config.sampler, steps=config.sampling_steps, eta=config.eta, batch_sharding=grid_sharding,
         )
         if is_writer:
             save_grid(np.asarray(images, np.float32), workdir / SAMPLES / f"step_{int(state.step):06d}.png")
