@@ -110,10 +110,8 @@ def _not_our_wait(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Waiting for previous save to complete")
 
 
-logging.getLogger("absl").addFilter(_not_our_wait)
-
-
 def checkpoint_manager(workdir: Path, config: TrainConfig) -> ocp.CheckpointManager:
+    logging.getLogger("absl").addFilter(_not_our_wait)  # idempotent: a logger keeps one copy of a filter
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
     return ocp.CheckpointManager(
         Path(workdir).absolute() / CHECKPOINTS, options=options, item_names=("params", "ema", "opt_state")
