@@ -27,18 +27,24 @@ def _run_config(checkpoint: Path) -> TrainConfig | None:
     return None
 
 
+_DEFAULTS = TrainConfig()  # sampler settings when the checkpoint has no run config beside it
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ddpm_jax.sample", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoints/<step> folder, "
                         "a model directory (convert to-flax) or a torch .pt/.pth")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--sampler", choices=diffusion.SAMPLERS, default="ddim", help="default ddim")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; ddpm always runs T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--sampler", choices=diffusion.SAMPLERS,
+                        help=f"default: the run's, else {_DEFAULTS.sampler}")
+    parser.add_argument("--steps", type=int, help=f"DDIM steps (default: the run's, else "
+                        f"{_DEFAULTS.sampling_steps}; ddpm always runs T)")
+    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
+                        f"(default: the run's, else {_DEFAULTS.eta:g})")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
-    parser.add_argument("--image-size", type=int, help="default: the run's, else 32")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), help="default: the run's, else linear")
-    parser.add_argument("--timesteps", type=int, help="default: the run's, else 1000")
+    parser.add_argument("--image-size", type=int, help=f"default: the run's, else {_DEFAULTS.image_size}")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), help=f"default: the run's, else {_DEFAULTS.schedule}")
+    parser.add_argument("--timesteps", type=int, help=f"default: the run's, else {_DEFAULTS.timesteps}")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     parser.add_argument("--out", default="samples.png", help="grid PNG to write (default samples.png)")
     parser.add_argument("--out-dir", help="also write each image as <out-dir>/000000.png, ...")
@@ -55,19 +61,26 @@ def main(argv=None) -> int:
             value = getattr(args, flag)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+        checkpoint = Path(args.checkpoint)
+        run = (_run_config(checkpoint) if checkpoint.is_dir() else None) or _DEFAULTS
+        sampler = args.sampler or run.sampler
+        steps = args.steps or run.sampling_steps
+        eta = run.eta if args.eta is None else args.eta
+        if not 0 <= eta <= 1:
+            raise ValueError(f"--eta {eta}: expected a number in [0, 1]")
         use_cpu_cores_as_devices(args.num)
         enable_compilation_cache()
-        checkpoint = Path(args.checkpoint)
-        run = _run_config(checkpoint) if checkpoint.is_dir() else None
-        image_size = args.image_size or (run.image_size if run else 32)
-        schedule = make_schedule(args.schedule or (run.schedule if run else "linear"),
-                                 args.timesteps or (run.timesteps if run else 1000))
+        image_size = args.image_size or run.image_size
+        timesteps = args.timesteps or run.timesteps
+        if sampler == "ddim" and steps > timesteps:
+            raise ValueError(f"--steps {steps}: expected at most the {timesteps} diffusion steps (--timesteps)")
+        schedule = make_schedule(args.schedule or run.schedule, timesteps)
         model = load_model(checkpoint, ema=args.ema)
         batch_sharding = sample_sharding(args.num)
         if batch_sharding is not None:  # data parallel: the model on every device
             nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(batch_sharding.mesh, P())))
         images = diffusion.sample(model, schedule, jax.random.key(args.seed), args.num, image_size,
-                                  sampler=args.sampler, steps=args.steps, eta=args.eta, batch_sharding=batch_sharding)
+                                  sampler=sampler, steps=steps, eta=eta, batch_sharding=batch_sharding)
         images = np.asarray(images, np.float32)
         save_grid(images, Path(args.out))
         if args.out_dir:

@@ -228,6 +228,7 @@ def check_config(config: TrainConfig, num_devices: int) -> None:
         need(getattr(config, flag) > 0, flag.replace("_", "-"), "a positive integer")
     need(config.lr > 0, "lr", "a positive number")
     need(0 <= config.ema_decay < 1, "ema-decay", "a number in [0, 1)")
+    need(0 <= config.eta <= 1, "eta", "a number in [0, 1]")
     need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim-mults", "positive integers, e.g. 1,2,4,8")
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
     factor = 2 ** (len(config.dim_mults) - 1)

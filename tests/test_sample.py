@@ -52,3 +52,33 @@ def test_bad_checkpoint_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "junk.pt" in result.stderr and "Traceback" not in result.stderr
     assert main(["--checkpoint", str(tmp_path / "junk.pt"), "--num", "0"]) == 2
+
+
+def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
+    """With a run's config.json beside the weights, its sampler, steps, eta, schedule, T and size are the defaults."""
+    import dataclasses
+
+    from ddpm_jax.config import TrainConfig
+    from ddpm_jax.convert import main as convert
+
+    model_dir = tmp_path / "flax"
+    assert convert(["to-flax", str(torch_checkpoint), str(model_dir)]) == 0
+    run = dataclasses.replace(TrainConfig(), dim=8, dim_mults=(1, 2), image_size=16, timesteps=100,
+                              schedule="cosine", sampler="ddim", sampling_steps=3, eta=1.0)
+    (model_dir / "config.json").write_text(run.to_json())
+    explicit = ["--num", "4", "--sampler", "ddim", "--steps", "3", "--timesteps", "100", "--image-size", "16",
+                "--schedule", "cosine"]
+    assert main(["--checkpoint", str(model_dir), "--out", str(tmp_path / "run.png")]) == 0
+    assert main(["--checkpoint", str(model_dir), "--num", "4", "--out", str(tmp_path / "run4.png")]) == 0
+    assert main(["--checkpoint", str(model_dir), *explicit, "--eta", "1", "--out", str(tmp_path / "eta1.png")]) == 0
+    assert main(["--checkpoint", str(model_dir), *explicit, "--eta", "0", "--out", str(tmp_path / "eta0.png")]) == 0
+    run4, eta1, eta0 = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("run4", "eta1", "eta0"))
+    assert np.asarray(Image.open(tmp_path / "run.png")).shape == (64, 64, 3)  # 16 images of the run's 16 px
+    assert np.array_equal(run4, eta1) and not np.array_equal(run4, eta0)
+
+
+@pytest.mark.parametrize("flags, message", [(["--eta", "1.5"], "--eta 1.5"), (["--steps", "101"], "--steps 101")])
+def test_bad_sampler_settings_exit_2(tmp_path, torch_checkpoint, capsys, flags, message):
+    assert main(["--checkpoint", str(torch_checkpoint), *COMMON, *flags, "--out", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -100,6 +100,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     [
         (["--image-size", "15", "--dim-mults", "1,2"], "--image-size 15: expected a multiple of 2"),
         (["--steps", "0"], "--steps 0: expected a positive integer"),
+        (["--eta", "1.5"], "--eta 1.5: expected a number in [0, 1]"),
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
         (["--batch-size", "3"], "--batch-size 3: expected a multiple of the device count (2)"),
         (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
