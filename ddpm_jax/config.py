@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 VARIANTS = ("OneResUNet", "TwoResUNet", "AttentionUNet")
+LR_DECAYS = ("constant", "cosine")
 
 
 def _from_dict(cls, d: dict, source: str):
@@ -66,6 +67,7 @@ class TrainConfig:
     adam_b2: float = _field(0.99, "AdamW beta2 (the article's trainer)")
     weight_decay: float = _field(0.01, 'AdamW decoupled weight decay')
     warmup_steps: int = _field(100, 'linear learning-rate warm-up')
+    lr_decay: str = _field("constant", 'learning rate after warm-up: constant | cosine (decays to 0 at --steps)')
     grad_clip: float = _field(1.0, 'global-norm gradient clipping; 0 disables')
     ema_decay: float = _field(0.995, 'EMA decay (upper bound of the warm-up below)')
     ema_every: int = _field(1, 'update the EMA every this many steps')

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import data, diffusion
-from ddpm_jax.config import PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
+from ddpm_jax.config import LR_DECAYS, PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
 from ddpm_jax.convert import build_model
 from ddpm_jax.ops import largest_divisor_at_most
 from ddpm_jax.schedules import SCHEDULES, make_schedule
@@ -48,17 +48,22 @@ class TrainState(NamedTuple):
     opt_state: Any  # optax state
 
 
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over warmup_steps, then constant or a cosine decay to 0 at the last step."""
+    if config.lr_decay == "cosine":
+        after = optax.cosine_decay_schedule(config.lr, config.steps - config.warmup_steps)
+    else:
+        after = optax.constant_schedule(config.lr)
+    if not config.warmup_steps:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, config.warmup_steps), after],
+                                [config.warmup_steps])
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW as the article's trainer (betas 0.9, 0.99; weight decay 0.01), optional warm-up and clipping."""
-    lr = config.lr
-    if config.warmup_steps:
-        lr = optax.linear_schedule(0.0, config.lr, config.warmup_steps)
-    adamw = optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
+    """AdamW as the article's trainer (betas 0.9, 0.99; weight decay 0.01), optional warm-up, decay and clipping."""
+    adamw = optax.adamw(learning_rate(config), b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay)
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip else adamw
-
-
-def learning_rate(config: TrainConfig, step):
-    return config.lr * jnp.minimum(1.0, step / config.warmup_steps) if config.warmup_steps else jnp.float32(config.lr)
 
 
 def ema_decay(config: TrainConfig, step):
@@ -95,7 +100,7 @@ def train_step(state: TrainState, batch_BHWC, key, *, graphdef, schedule, tx, co
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(config, state.step)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": learning_rate(config, state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": learning_rate(config)(state.step)}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
 
@@ -229,6 +234,9 @@ def check_config(config: TrainConfig, num_devices: int) -> None:
     need(config.lr > 0, "lr", "a positive number")
     need(0 <= config.ema_decay < 1, "ema-decay", "a number in [0, 1)")
     need(0 <= config.eta <= 1, "eta", "a number in [0, 1]")
+    need(config.lr_decay in LR_DECAYS, "lr-decay", f"one of {list(LR_DECAYS)}")
+    need(config.lr_decay == "constant" or config.warmup_steps < config.steps, "warmup-steps",
+         f"fewer than --steps ({config.steps}) for --lr-decay cosine")
     need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim-mults", "positive integers, e.g. 1,2,4,8")
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
     factor = 2 ** (len(config.dim_mults) - 1)
@@ -490,7 +498,7 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="base config; flags override it. 'article' is the article's 128 px run")
     choices = {"model": list(VARIANTS), "schedule": sorted(SCHEDULES), "loss": list(diffusion.LOSSES),
-               "sampler": list(diffusion.SAMPLERS), "precision": ["fp32", "bf16"]}
+               "sampler": list(diffusion.SAMPLERS), "precision": ["fp32", "bf16"], "lr_decay": list(LR_DECAYS)}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = _parse_mults if field.name == "dim_mults" else type(field.default)

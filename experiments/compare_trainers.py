@@ -20,6 +20,7 @@ Every stage is cached in --out: run it again after an interruption and it contin
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -62,8 +63,13 @@ def torch_ema_decay(config, step: int) -> float:
 
 
 def torch_lr_factor(config, step: int) -> float:
-    """Linear warm-up from 0, as optax.linear_schedule(0, lr, warmup_steps)."""
-    return min(1.0, step / config.warmup_steps) if config.warmup_steps else 1.0
+    """Linear warm-up from 0 over warmup_steps, then 1 or (lr_decay "cosine") half a cosine down to 0 at steps."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return step / config.warmup_steps
+    if config.lr_decay == "cosine":
+        progress = min(1.0, (step - config.warmup_steps) / (config.steps - config.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def train_torch(config, init_state: dict, images: np.ndarray, out: Path) -> None:

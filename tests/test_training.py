@@ -101,6 +101,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         (["--image-size", "15", "--dim-mults", "1,2"], "--image-size 15: expected a multiple of 2"),
         (["--steps", "0"], "--steps 0: expected a positive integer"),
         (["--eta", "1.5"], "--eta 1.5: expected a number in [0, 1]"),
+        (["--lr-decay", "cosine", "--warmup-steps", "3000"], "--warmup-steps 3000: expected fewer than --steps (3000)"),
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
         (["--batch-size", "3"], "--batch-size 3: expected a multiple of the device count (2)"),
         (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
@@ -118,7 +119,8 @@ def test_cli_help_explains_every_flag():
     for flag in ("--workdir", "--data", "--model", "--image-size", "--dim", "--dim-mults", "--schedule",
                  "--timesteps", "--loss", "--batch-size", "--steps", "--lr", "--ema-decay", "--save-every",
                  "--sample-every", "--num-samples", "--sampler", "--sampling-steps", "--precision", "--seed",
-                 "--preset", "--coordinator", "--num-processes", "--process-id"):
+                 "--preset", "--coordinator", "--num-processes", "--process-id", "--eta", "--warmup-steps",
+                 "--lr-decay"):
         assert flag in result.stdout
 
 
