@@ -49,9 +49,10 @@ class TrainState(NamedTuple):
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0 over warmup_steps, then constant or a cosine decay to 0 at the last step."""
+    """Linear warm-up from 0 over warmup_steps, then constant or a cosine decay to 0 at the last step
+    (a run that ends within its warm-up never decays)."""
     if config.lr_decay == "cosine":
-        after = optax.cosine_decay_schedule(config.lr, config.steps - config.warmup_steps)
+        after = optax.cosine_decay_schedule(config.lr, max(1, config.steps - config.warmup_steps))
     else:
         after = optax.constant_schedule(config.lr)
     if not config.warmup_steps:
@@ -235,8 +236,6 @@ def check_config(config: TrainConfig, num_devices: int) -> None:
     need(0 <= config.ema_decay < 1, "ema-decay", "a number in [0, 1)")
     need(0 <= config.eta <= 1, "eta", "a number in [0, 1]")
     need(config.lr_decay in LR_DECAYS, "lr-decay", f"one of {list(LR_DECAYS)}")
-    need(config.lr_decay == "constant" or config.warmup_steps < config.steps, "warmup-steps",
-         f"fewer than --steps ({config.steps}) for --lr-decay cosine")
     need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim-mults", "positive integers, e.g. 1,2,4,8")
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
     factor = 2 ** (len(config.dim_mults) - 1)

@@ -67,7 +67,7 @@ def torch_lr_factor(config, step: int) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return step / config.warmup_steps
     if config.lr_decay == "cosine":
-        progress = min(1.0, (step - config.warmup_steps) / (config.steps - config.warmup_steps))
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
 

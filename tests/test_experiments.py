@@ -16,11 +16,12 @@ compare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare)
 
 CONFIGS = [PRESETS["default"], PRESETS["article"], TrainConfig(warmup_steps=0, ema_every=10, ema_start=0),
-           TrainConfig(lr_decay="cosine", steps=3000), TrainConfig(lr_decay="cosine", warmup_steps=0, steps=150)]
+           TrainConfig(lr_decay="cosine", steps=3000), TrainConfig(lr_decay="cosine", warmup_steps=0, steps=150),
+           TrainConfig(lr_decay="cosine", warmup_steps=100, steps=60)]
 STEPS = [0, 1, 5, 9, 10, 11, 99, 100, 101, 110, 150, 2999, 100_000]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["default", "article", "no-warmup", "cosine", "cosine-no-warmup"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "article", "no-warmup", "cosine", "cosine-no-warmup", "cosine-ends-in-warmup"])
 def test_torch_loop_schedules_match_the_jax_trainer(config):
     for step in STEPS:
         assert compare.torch_ema_decay(config, step) == pytest.approx(
