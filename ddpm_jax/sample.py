@@ -9,9 +9,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import diffusion
 from ddpm_jax.config import TrainConfig, read_json
@@ -53,7 +50,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from ddpm_jax.training import enable_compilation_cache, sample_sharding, save_grid, use_cpu_cores_as_devices
+    from ddpm_jax.training import (enable_compilation_cache, replicate_for_sampling, save_grid,
+                                   use_cpu_cores_as_devices)
 
     args = parse_args(argv)
     try:
@@ -76,9 +74,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--steps {steps}: expected at most the {timesteps} diffusion steps (--timesteps)")
         schedule = make_schedule(args.schedule or run.schedule, timesteps)
         model = load_model(checkpoint, ema=args.ema)
-        batch_sharding = sample_sharding(args.num)
-        if batch_sharding is not None:  # data parallel: the model on every device
-            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(batch_sharding.mesh, P())))
+        batch_sharding = replicate_for_sampling(model, args.num)
         images = diffusion.sample(model, schedule, jax.random.key(args.seed), args.num, image_size,
                                   sampler=sampler, steps=steps, eta=eta, batch_sharding=batch_sharding)
         images = np.asarray(images, np.float32)

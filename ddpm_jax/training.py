@@ -213,6 +213,15 @@ def sample_sharding(num_images: int) -> NamedSharding | None:
     return NamedSharding(data_mesh(), P("data"))
 
 
+def replicate_for_sampling(model: nnx.Module, num_images: int) -> NamedSharding | None:
+    """`sample_sharding(num_images)`; where it splits the images, `model`'s weights are first put on every
+    device. Pass the result to `diffusion.sample(..., batch_sharding=)`."""
+    batch_sharding = sample_sharding(num_images)
+    if batch_sharding is not None:
+        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(batch_sharding.mesh, P())))
+    return batch_sharding
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop.
 

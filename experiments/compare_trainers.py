@@ -179,6 +179,7 @@ def main(argv=None) -> None:
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),
                                      sample_every=args.steps)
+    training.use_cpu_cores_as_devices(config.batch_size)  # as train.py: one JAX device per core on a CPU
     args.out.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -225,12 +226,14 @@ def main(argv=None) -> None:
     cached(results, "held_out_loss", results_path,
            lambda: {"jax": held_out_loss(config, jax_loss, held_out), "torch": held_out_loss(config, torch_loss, held_out)})
 
+    batch_sharding = training.replicate_for_sampling(jax_ema, args.num)  # as the sample CLI
+
     def jax_samples(sampler, steps):
         path = args.out / f"jax_{sampler}{steps}.npz"
         if not path.exists():
             t0 = time.perf_counter()
             x = diffusion.sample(jax_ema, schedule, jax.random.key(7), args.num, config.image_size,
-                                 sampler=sampler, steps=steps, eta=config.eta)
+                                 sampler=sampler, steps=steps, eta=config.eta, batch_sharding=batch_sharding)
             x = np.asarray(jax.block_until_ready(x))
             np.savez(path, images=to_uint8(x.clip(0, 1)), seconds=time.perf_counter() - t0)
         with np.load(path) as f:
