@@ -135,13 +135,14 @@ def held_out_loss(config, eval_fn, held_out: np.ndarray) -> float:
     return float(np.mean([eval_fn(x0[i:i + 256], t[i:i + 256], noise[i:i + 256]) for i in range(0, len(x0), 256)]))
 
 
-def grid_png(images_uint8: np.ndarray, path: Path, cols: int = 8) -> None:
+def grid_png(images_uint8: np.ndarray, path: Path, cols: int = 8, zoom: int = 1) -> None:
+    """Rows of `cols` images, each pixel drawn as a zoom x zoom square."""
     from PIL import Image
 
     n, h, w, _ = images_uint8.shape
     rows = n // cols
     grid = images_uint8[: rows * cols].reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
-    Image.fromarray(grid).save(path)
+    Image.fromarray(grid.repeat(zoom, axis=0).repeat(zoom, axis=1)).save(path)
 
 
 def plot_losses(curves: dict, path: Path, window: int) -> None:
@@ -262,6 +263,8 @@ def main(argv=None) -> None:
     grid_png(jax_x[:64], args.report / "samples_jax.png")
     grid_png(torch_x[:64], args.report / "samples_torch.png")
     grid_png(held_out[:64], args.report / "held_out.png")
+    for name, x in (("held_out", held_out), ("samples_jax", jax_x)):  # 16 of each at 3x, to judge the detail
+        grid_png(x[:16], args.report / f"{name}_zoom.png", zoom=3)
     plot_losses(curves, args.report / "loss.png", config.log_every)
 
     # 3. Samplers: DDIM at several step counts against DDPM-1000, on the JAX EMA model.
