@@ -9,7 +9,8 @@
    draws its own timesteps and noise from its own generator, so agreement is statistical, not bitwise.
 2. Scores both EMA models on held-out tiles (embedded seed 1, never trained on): the loss on a fixed set
    of (image, t, noise) triples, and the SWD of --num DDIM samples (each trainer's own sampler) against
-   --num held-out tiles. The baseline is --num training tiles against the same held-out tiles.
+   --num held-out tiles, for --sample-sets sets of samples per trainer (their spread is the SWD's noise).
+   The baseline is --num training tiles against the same held-out tiles.
 3. For the JAX model, DDIM at 10/25/50/100 steps against DDPM-1000: SWD and wall time.
 4. Writes `results.json`, `loss.png` and sample grids to --report.
 
@@ -39,6 +40,7 @@ from ddpm_torch import UNETS, DiffusionModel
 from ddpm_torch.training import train_step as torch_train_step
 
 HELD_OUT_SEED = 1  # the training tiles are embedded seed 0
+SAMPLE_SEED = 7  # of the first sample set of each trainer (the others: 8, 9, ...)
 SAMPLERS = [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddim", 100), ("ddpm", 1000)]
 
 
@@ -46,6 +48,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the default preset's)")
     p.add_argument("--num", type=int, default=256, help="images per set for SWD and the held-out loss (default 256)")
+    p.add_argument("--sample-sets", type=int, default=3,
+                   help="sample sets per trainer for the SWD (seeds 7, 8, ...), to show its spread (default 3)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (default 2)")
     p.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (the slowest stage)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="work folder (cached stages)")
@@ -229,21 +233,24 @@ def main(argv=None) -> None:
 
     batch_sharding = training.replicate_for_sampling(jax_ema, args.num)  # as the sample CLI
 
-    def jax_samples(sampler, steps):
-        path = args.out / f"jax_{sampler}{steps}.npz"
+    def seed_suffix(seed):
+        return "" if seed == SAMPLE_SEED else f"_seed{seed}"
+
+    def jax_samples(sampler, steps, seed=SAMPLE_SEED):
+        path = args.out / f"jax_{sampler}{steps}{seed_suffix(seed)}.npz"
         if not path.exists():
             t0 = time.perf_counter()
-            x = diffusion.sample(jax_ema, schedule, jax.random.key(7), args.num, config.image_size,
+            x = diffusion.sample(jax_ema, schedule, jax.random.key(seed), args.num, config.image_size,
                                  sampler=sampler, steps=steps, eta=config.eta, batch_sharding=batch_sharding)
             x = np.asarray(jax.block_until_ready(x))
             np.savez(path, images=to_uint8(x.clip(0, 1)), seconds=time.perf_counter() - t0)
         with np.load(path) as f:
             return f["images"], float(f["seconds"])
 
-    def torch_samples():
-        path = args.out / f"torch_{config.sampler}{config.sampling_steps}.npz"
+    def torch_samples(seed=SAMPLE_SEED):
+        path = args.out / f"torch_{config.sampler}{config.sampling_steps}{seed_suffix(seed)}.npz"
         if not path.exists():
-            torch.manual_seed(7)
+            torch.manual_seed(seed)
             t0 = time.perf_counter()
             shape = (args.num, 3, config.image_size, config.image_size)
             with torch.inference_mode():
@@ -260,6 +267,12 @@ def main(argv=None) -> None:
     torch_x, _ = torch_samples()
     cached(results, "swd_jax", results_path, lambda: swd(held_out, jax_x))
     cached(results, "swd_torch", results_path, lambda: swd(held_out, torch_x))
+    seeds = range(SAMPLE_SEED, SAMPLE_SEED + args.sample_sets)  # the first set is the one scored above
+    cached(results, "swd_sets", results_path, lambda: {
+        "seeds": list(seeds),
+        "jax": [swd(held_out, jax_samples(config.sampler, steps, s)[0])["swd"] for s in seeds],
+        "torch": [swd(held_out, torch_samples(s)[0])["swd"] for s in seeds],
+    })
     grid_png(jax_x[:64], args.report / "samples_jax.png")
     grid_png(torch_x[:64], args.report / "samples_torch.png")
     grid_png(held_out[:64], args.report / "held_out.png")
