@@ -56,7 +56,7 @@ class TrainConfig:
     model: str = _field("TwoResUNet", 'U-Net variant')
     image_size: int = _field(32, 'training resolution (square)')
     dim: int = _field(16, 'U-Net base width')
-    dim_mults: tuple[int, ...] = _field((1, 2, 4), 'width multiplier per level')
+    dim_mults: tuple[int, ...] = _field((1, 2, 2, 2), 'width multiplier per level')
     schedule: str = _field("linear", 'beta schedule: linear | cosine | sigmoid')
     timesteps: int = _field(1000, 'diffusion steps T')
     loss: str = _field("l2", 'l2 | l1 between true and predicted noise')
