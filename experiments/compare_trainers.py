@@ -267,11 +267,12 @@ def main(argv=None) -> None:
     torch_x, _ = torch_samples()
     cached(results, "swd_jax", results_path, lambda: swd(held_out, jax_x))
     cached(results, "swd_torch", results_path, lambda: swd(held_out, torch_x))
-    seeds = range(SAMPLE_SEED, SAMPLE_SEED + args.sample_sets)  # the first set is the one scored above
+    more = range(SAMPLE_SEED + 1, SAMPLE_SEED + args.sample_sets)  # the first set is the one scored above
     cached(results, "swd_sets", results_path, lambda: {
-        "seeds": list(seeds),
-        "jax": [swd(held_out, jax_samples(config.sampler, steps, s)[0])["swd"] for s in seeds],
-        "torch": [swd(held_out, torch_samples(s)[0])["swd"] for s in seeds],
+        "seeds": [SAMPLE_SEED, *more],
+        "jax": [results["swd_jax"]["swd"],
+                *(swd(held_out, jax_samples(config.sampler, steps, s)[0])["swd"] for s in more)],
+        "torch": [results["swd_torch"]["swd"], *(swd(held_out, torch_samples(s)[0])["swd"] for s in more)],
     })
     grid_png(jax_x[:64], args.report / "samples_jax.png")
     grid_png(torch_x[:64], args.report / "samples_torch.png")
