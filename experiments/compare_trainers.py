@@ -10,7 +10,8 @@
 2. Scores both EMA models on held-out tiles (embedded seed 1, never trained on): the loss on a fixed set
    of (image, t, noise) triples, and the SWD of --num DDIM samples (each trainer's own sampler) against
    --num held-out tiles, for --sample-sets sets of samples per trainer (their spread is the SWD's noise).
-   The baseline is --num training tiles against the same held-out tiles.
+   The baseline is --num training tiles against the same held-out tiles. SWD standardises each set, so
+   the colour distance of the same sets (`colour_distance`) is recorded beside it.
 3. For the JAX model, DDIM at 10/25/50/100 steps against DDPM-1000: SWD and wall time.
 4. Writes `results.json`, `loss.png` and sample grids to --report.
 
@@ -34,7 +35,7 @@ from ddpm_jax import diffusion, training
 from ddpm_jax.config import PRESETS
 from ddpm_jax.convert import build_model, load_model, to_torch_state
 from ddpm_jax.data import embedded_dataset, get_batch
-from ddpm_jax.evaluate import swd, to_uint8
+from ddpm_jax.evaluate import colour_distance, swd, to_uint8
 from ddpm_jax.schedules import make_schedule
 from ddpm_torch import UNETS, DiffusionModel
 from ddpm_torch.training import train_step as torch_train_step
@@ -273,6 +274,12 @@ def main(argv=None) -> None:
         "jax": [results["swd_jax"]["swd"],
                 *(swd(held_out, jax_samples(config.sampler, steps, s)[0])["swd"] for s in more)],
         "torch": [results["swd_torch"]["swd"], *(swd(held_out, torch_samples(s)[0])["swd"] for s in more)],
+    })
+    seeds = results["swd_sets"]["seeds"]
+    cached(results, "colour", results_path, lambda: {  # what SWD's per-set standardisation cannot see
+        "baseline": colour_distance(held_out, train_subset),
+        "jax": [colour_distance(held_out, jax_samples(config.sampler, steps, s)[0]) for s in seeds],
+        "torch": [colour_distance(held_out, torch_samples(s)[0]) for s in seeds],
     })
     grid_png(jax_x[:64], args.report / "samples_jax.png")
     grid_png(torch_x[:64], args.report / "samples_torch.png")

@@ -182,6 +182,23 @@ def test_uniform_brightness_shift_is_invisible(real):
     assert ev.swd(real, shifted)["swd"] < 1e-2
 
 
+def test_colour_distance_sees_the_shift_swd_cannot(real):
+    shifted = (real.astype(np.int16) + (255 - int(real.max()))).astype(np.uint8)
+    offset = 255 - int(real.max())
+    out = ev.colour_distance(real, shifted)
+    assert out["colour_w1"] == pytest.approx(offset)
+    assert out["mean_shift"] == pytest.approx([offset] * 3)
+    assert ev.colour_distance(real, real.copy()) == {"colour_w1": 0.0, "mean_shift": [0.0, 0.0, 0.0]}
+
+
+def test_colour_distance_matches_scipy(real, fake):
+    out = ev.colour_distance(real[:40], fake[:25])  # unequal counts
+    w1 = [scipy.stats.wasserstein_distance(real[:40, ..., c].ravel(), fake[:25, ..., c].ravel()) for c in range(3)]
+    assert out["colour_w1"] == pytest.approx(np.mean(w1), rel=1e-9)
+    means = [fake[:25, ..., c].mean(dtype=np.float64) - real[:40, ..., c].mean(dtype=np.float64) for c in range(3)]
+    assert out["mean_shift"] == pytest.approx(means, rel=1e-9)
+
+
 def test_different_counts(real, fake):
     out = ev.swd(real[:40], fake[:25])
     assert np.isfinite(out["swd"]) and out["swd"] > 0
@@ -251,11 +268,12 @@ def test_cli_prints_one_json_line(tmp_path, real, fake):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
-    assert set(record) == {"swd", "levels", "num_real", "num_fake", "image_size"}
+    assert set(record) == {"swd", "levels", "colour_w1", "mean_shift", "num_real", "num_fake", "image_size"}
     assert list(record["levels"]) == ["32", "16"]
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (48, 40, 32)
     expected = ev.swd(real[:48], fake[:40], seed=1)
     assert record["swd"] == pytest.approx(expected["swd"])
+    assert record["colour_w1"] == pytest.approx(ev.colour_distance(real[:48], fake[:40])["colour_w1"])
 
 
 def test_cli_bad_inputs_exit_2_without_traceback(tmp_path):
