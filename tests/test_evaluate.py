@@ -183,8 +183,8 @@ def test_uniform_brightness_shift_is_invisible(real):
 
 
 def test_colour_distance_sees_the_shift_swd_cannot(real):
-    shifted = (real.astype(np.int16) + (255 - int(real.max()))).astype(np.uint8)
     offset = 255 - int(real.max())
+    shifted = (real.astype(np.int16) + offset).astype(np.uint8)
     out = ev.colour_distance(real, shifted)
     assert out["colour_w1"] == pytest.approx(offset)
     assert out["mean_shift"] == pytest.approx([offset] * 3)
