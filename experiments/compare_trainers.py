@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the default preset's)")
     p.add_argument("--num", type=int, default=256, help="images per set for SWD and the held-out loss (default 256)")
-    p.add_argument("--sample-sets", type=int, default=3,
-                   help="sample sets per trainer for the SWD (seeds 7, 8, ...), to show its spread (default 3)")
+    p.add_argument("--sample-sets", type=int, default=6,
+                   help="sample sets per trainer for the SWD (seeds 7, 8, ...), to show its spread (default 6)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (default 2)")
     p.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (the slowest stage)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="work folder (cached stages)")
@@ -269,6 +269,9 @@ def main(argv=None) -> None:
     cached(results, "swd_jax", results_path, lambda: swd(held_out, jax_x))
     cached(results, "swd_torch", results_path, lambda: swd(held_out, torch_x))
     more = range(SAMPLE_SEED + 1, SAMPLE_SEED + args.sample_sets)  # the first set is the one scored above
+    if results.get("swd_sets", {}).get("seeds") != [SAMPLE_SEED, *more]:  # --sample-sets changed: score anew
+        results.pop("swd_sets", None)
+        results.pop("colour", None)
     cached(results, "swd_sets", results_path, lambda: {
         "seeds": [SAMPLE_SEED, *more],
         "jax": [results["swd_jax"]["swd"],
