@@ -107,14 +107,15 @@ def bench_torch(cfg, args, x_np, t_np, noise_np, compiled: bool):
     return out
 
 
-def bench_jax(cfg, args, x_np, noise_np, precision):
+def jax_train_setup(cfg, x_np, precision):
+    """The trainer's step on `cfg`, set up as train.py runs it: parameters replicated, the batch split over the
+    devices. Returns (compile_step, state, x, key, batch_sharding, graphdef): compile_step() traces, lowers and
+    compiles a fresh jit of the step and returns (executable, seconds)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ddpm_jax import diffusion, training
+    from ddpm_jax import training
     from ddpm_jax.config import PRESETS
     from ddpm_jax.schedules import make_schedule
 
@@ -124,18 +125,14 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
                                  image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision)
     tx = training.make_optimizer(config)
     schedule = make_schedule("linear", 1000)
-    # As the trainer: parameters replicated, the batch split over the devices.
     mesh = training.data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = training.init_state(config, tx)
     state = jax.device_put(state, replicated)
     x = jax.device_put(x_np, batch_sharding)
     key = jax.random.key(0)
-    sync = jax.block_until_ready
-    out = {}
 
     def compile_step():
-        """Trace, lower and compile a fresh jit of the trainer's step; returns (executable, seconds)."""
         t0 = time.perf_counter()
         step = jax.jit(
             lambda s, b, k: training.train_step(s, b, k, graphdef=graphdef, schedule=schedule, tx=tx, config=config),
@@ -143,6 +140,21 @@ def bench_jax(cfg, args, x_np, noise_np, precision):
             out_shardings=(replicated, replicated),
         )
         return step.lower(state, x, key).compile(), time.perf_counter() - t0
+
+    return compile_step, state, x, key, batch_sharding, graphdef
+
+
+def bench_jax(cfg, args, x_np, noise_np, precision):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ddpm_jax import diffusion
+    from ddpm_jax.schedules import make_schedule
+
+    compile_step, state, x, key, batch_sharding, graphdef = jax_train_setup(cfg, x_np, precision)
+    sync = jax.block_until_ready
+    out = {}
 
     _, out["compile_seconds"] = compile_step()  # cold: fills the (empty, temporary) persistent cache
     jax.clear_caches()

@@ -13,7 +13,6 @@ per-kernel events.
 
 import argparse
 import collections
-import dataclasses
 import gzip
 import json
 import re
@@ -22,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import CONFIGS
+from bench import CONFIGS, jax_train_setup
 
 CUDNN_KINDS = {
     "__cudnn$convForward": "forward",
@@ -30,7 +29,7 @@ CUDNN_KINDS = {
     "__cudnn$convBackwardInput": "input gradient",
     "__cudnn$convBackwardFilter": "weight gradient",
 }
-_CUSTOM_CALL = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*custom_call_target=\"([^\"]+)\"", re.M)
+_CUSTOM_CALL = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*custom_call_target=\"([^\"]+)\"")
 
 
 def conv_classes(hlo_text: str) -> dict[str, str]:
@@ -73,28 +72,14 @@ def main(argv=None):
 
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from ddpm_jax import training
-    from ddpm_jax.config import PRESETS
-    from ddpm_jax.schedules import make_schedule
 
     if jax.default_backend() != "gpu":
         sys.exit(f"error: JAX's backend is {jax.default_backend()!r}; this profile needs a GPU")
     cfg = CONFIGS[args.config]
-    config = dataclasses.replace(PRESETS["article"], **cfg, precision=args.precision)  # bench.py's optimizer
-    tx, schedule = training.make_optimizer(config), make_schedule("linear", 1000)
-    mesh = training.data_mesh()
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    graphdef, state = training.init_state(config, tx)
-    state = jax.device_put(state, replicated)
     shape = (cfg["batch_size"], cfg["image_size"], cfg["image_size"], 3)
-    x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32), batch_sharding)
-    key = jax.random.key(0)
-    step = jax.jit(lambda s, b, k: training.train_step(s, b, k, graphdef=graphdef, schedule=schedule, tx=tx,
-                                                       config=config),
-                   donate_argnums=0, out_shardings=(replicated, replicated)).lower(state, x, key).compile()
+    x_np = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    compile_step, state, x, key, _, _ = jax_train_setup(cfg, x_np, args.precision)
+    step, _ = compile_step()
     args.out.mkdir(parents=True, exist_ok=True)
     hlo_text = step.as_text()
     (args.out / "hlo.txt").write_text(hlo_text)
