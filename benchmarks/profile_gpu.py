@@ -7,8 +7,9 @@ with `jax.profiler` (a Perfetto trace in --out, also viewable at ui.perfetto.dev
 kernel time per step grouped by what the kernels compute: each cuDNN convolution call is classed as
 depthwise or dense (from `feature_group_count` in the compiled HLO) and as forward, input gradient or
 weight gradient by the cuDNN call it is (XLA writes the input gradient of a depthwise convolution as a
-forward call); everything else as XLA reductions or other work. GPU only: XLA:CPU's trace has no
-per-kernel events.
+forward call); everything else as XLA reductions or other work. GPU only: the classes are cuDNN's.
+(XLA:CPU writes one trace event per operation only under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true;
+README's CPU breakdown was read from such a trace.)
 """
 
 import argparse
@@ -50,7 +51,7 @@ def summarize(trace: dict, hlo_text: str, steps: int) -> list[tuple[str, float]]
     gpu_pids = {e["pid"] for e in trace["traceEvents"]
                 if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
     if not gpu_pids:
-        raise SystemExit("error: the trace has no GPU device events (XLA:CPU records no per-kernel events); "
+        raise SystemExit("error: the trace has no GPU device events (this summary classes cuDNN calls); "
                          "run this on a machine with an NVIDIA GPU")
     classes = conv_classes(hlo_text)
     total = collections.Counter()
