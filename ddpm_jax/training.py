@@ -41,6 +41,14 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
+class StoppedBySignal(TrainingError):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved first. `train.py` exits with 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # nnx.State of the model's parameters (float32)
@@ -175,8 +183,11 @@ def setup_distributed(coordinator: str | None, num_processes: int | None, proces
         jax.distributed.initialize(coordinator, num_processes, process_id)
         return True
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
-        jax.distributed.initialize()
+        jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
         return True
+    if num_processes is not None or process_id is not None:
+        raise ValueError("--num-processes and --process-id need --coordinator host:port (the address of process 0), "
+                         "except on SLURM and Cloud TPU, where it is detected")
     return False
 
 
@@ -241,22 +252,40 @@ def check_config(config: TrainConfig, num_devices: int) -> None:
     for flag in ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every",
                  "num_samples", "sampling_steps", "log_every", "ema_every", "keep_checkpoints", "embedded_size"):
         need(getattr(config, flag) > 0, flag.replace("_", "-"), "a positive integer")
+    for flag in ("warmup_steps", "ema_start", "seed"):
+        need(getattr(config, flag) >= 0, flag.replace("_", "-"), "a non-negative integer")
     need(config.lr > 0, "lr", "a positive number")
+    need(config.weight_decay >= 0, "weight-decay", "a non-negative number")
+    need(config.grad_clip >= 0, "grad-clip", "a non-negative number (0 disables clipping)")
+    need(0 <= config.adam_b1 < 1, "adam-b1", "a number in [0, 1)")
+    need(0 <= config.adam_b2 < 1, "adam-b2", "a number in [0, 1)")
     need(0 <= config.ema_decay < 1, "ema-decay", "a number in [0, 1)")
     need(0 <= config.eta <= 1, "eta", "a number in [0, 1]")
     need(config.lr_decay in LR_DECAYS, "lr-decay", f"one of {list(LR_DECAYS)}")
     need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim-mults", "positive integers, e.g. 1,2,4,8")
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
-    factor = 2 ** (len(config.dim_mults) - 1)
-    need(config.image_size % factor == 0, "image-size", f"a multiple of {factor} (2^(levels-1) for {len(config.dim_mults)} levels)")
+    check_image_size(config.image_size, len(config.dim_mults))
     need(config.batch_size % num_devices == 0, "batch-size", f"a multiple of the device count ({num_devices})")
-    need(config.sampling_steps <= config.timesteps, "sampling-steps", f"at most --timesteps ({config.timesteps})")
-    betas = np.asarray(make_schedule(config.schedule, config.timesteps).betas)
+    if config.sampler == "ddim":  # ddpm runs all T steps and ignores --sampling-steps
+        need(config.sampling_steps <= config.timesteps, "sampling-steps", f"at most --timesteps ({config.timesteps})")
+    check_schedule(config.schedule, config.timesteps)
+
+
+def check_schedule(name: str, timesteps: int) -> None:
+    """The named beta schedule at T = `timesteps` gives every beta in (0, 1), or a ValueError naming the flags."""
+    betas = np.asarray(make_schedule(name, timesteps).betas)
     if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
         raise ValueError(
-            f"--schedule {config.schedule} with --timesteps {config.timesteps} gives betas outside (0, 1) "
+            f"--schedule {name} with --timesteps {timesteps} gives betas outside (0, 1) "
             f"(range {np.nanmin(betas):.3g}..{np.nanmax(betas):.3g}); the linear schedule needs --timesteps > 20"
         )
+
+
+def check_image_size(image_size: int, levels: int, flag: str = "--image-size") -> None:
+    """A U-Net of `levels` levels halves the image `levels - 1` times: the size must divide evenly."""
+    factor = 2 ** (levels - 1)
+    if image_size % factor:
+        raise ValueError(f"{flag} {image_size}: expected a multiple of {factor} (2^(levels-1) for {levels} levels)")
 
 
 def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None:
@@ -266,10 +295,16 @@ def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None
         saved = TrainConfig.from_dict(read_json(path), str(path))
         changed = [f"--{f.replace('_', '-')} {getattr(saved, f)} -> {getattr(config, f)}"
                    for f in SHAPE_FIELDS if getattr(saved, f) != getattr(config, f)]
-        if changed and any((workdir / CHECKPOINTS).glob("[0-9]*")):
+        saved_steps = [int(p.name) for p in (workdir / CHECKPOINTS).glob("[0-9]*") if p.name.isdigit()]
+        if changed and saved_steps:
             raise TrainingError(
                 f"{workdir} holds checkpoints of a different model ({'; '.join(changed)}). "
                 f"Use a new --workdir, or the saved values."
+            )
+        if saved_steps and config.steps < max(saved_steps):
+            raise TrainingError(
+                f"--steps {config.steps}: {workdir} already holds a checkpoint of step {max(saved_steps)}. "
+                f"Pass --steps {max(saved_steps)} or more to resume it, or use a new --workdir."
             )
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +377,16 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
     if latest is None:
         state = jax.jit(lambda: init_state(config, tx)[1], out_shardings=replicated)()
     else:
-        state = restore_checkpoint(manager, abstract, latest)
+        try:
+            state = restore_checkpoint(manager, abstract, latest)
+        except Exception as e:  # orbax reports a missing item as KeyError, damaged data as ValueError and more
+            older = [s for s in manager.all_steps() if s < latest]
+            then = f"resume from step {max(older)}" if older else "start afresh"
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise TrainingError(
+                f"cannot restore the checkpoint of step {latest} in {workdir / CHECKPOINTS}: {reason}\n"
+                f"It is damaged or incomplete. Move {workdir / CHECKPOINTS / str(latest)} away to {then}."
+            ) from e
     start = int(state.step)
 
     step_fn = jax.jit(
@@ -385,9 +429,10 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
         losses = np.array([m["loss"] for m in fetched])
         if not np.all(np.isfinite(losses)):
             bad = step - len(losses) + int(np.argmax(~np.isfinite(losses))) + 1
+            kept = (f"The last good checkpoint (step {last_saved}) is in {workdir / CHECKPOINTS}." if last_saved
+                    is not None else "No checkpoint had been saved yet.")
             raise TrainingError(
-                f"non-finite loss at step {bad}; stopped without saving. The last good checkpoint "
-                f"(step {last_saved}) is in {workdir / CHECKPOINTS}. Try a lower --lr or --grad-clip."
+                f"non-finite loss at step {bad}; stopped without saving. {kept} Try a lower --lr or --grad-clip."
             )
         steps_per_s = len(fetched) / (now - t_log)
         record = {
@@ -431,8 +476,8 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
                 if done == start + 1:  # the first step compiles: keep it out of the throughput
                     jax.block_until_ready(metrics)
                     compile_s, t_log, pending = time.perf_counter() - t_log, time.perf_counter(), []
-                    if bar is not None:
-                        bar.write(f"compiled the train step in {compile_s:.1f} s")
+                    if is_writer:
+                        (bar.write if bar is not None else print)(f"compiled the train step in {compile_s:.1f} s")
                 if bar is not None:
                     bar.update(1)
                 if done % config.log_every == 0:
@@ -443,9 +488,9 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
                     sample_grid(state)
                 if _stop_requested(stop):
                     checkpoint(state)
-                    print(f"\nstopped by signal {stop.signal} at step {done}; checkpoint saved in "
-                          f"{workdir / CHECKPOINTS}. Run the same command to resume.", file=sys.stderr)
-                    return state
+                    signum = int(stop.signal or signal.SIGTERM)  # another process may have received it
+                    raise StoppedBySignal(f"stopped by {signal.Signals(signum).name} at step {done}; checkpoint saved in "
+                                          f"{workdir / CHECKPOINTS}. Run the same command to resume.", signum)
             if int(state.step) > start or latest is None:
                 checkpoint(state)
                 sample_grid(state)
@@ -455,7 +500,7 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
         if metrics_file:
             metrics_file.close()
         manager.close()
-    if is_writer and progress:
+    if is_writer:
         print(f"done: step {int(state.step)}; samples in {workdir / SAMPLES}, checkpoints in "
               f"{workdir / CHECKPOINTS}, metrics in {workdir / METRICS}")
     return state
@@ -507,18 +552,26 @@ def parse_args(argv=None):
                         help="base config; flags override it. 'article' is the article's 128 px run")
     choices = {"model": list(VARIANTS), "schedule": sorted(SCHEDULES), "loss": list(diffusion.LOSSES),
                "sampler": list(diffusion.SAMPLERS), "precision": ["fp32", "bf16"], "lr_decay": list(LR_DECAYS)}
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = _parse_mults if field.name == "dim_mults" else type(field.default)
+        values = {name: shown(getattr(preset, field.name)) for name, preset in PRESETS.items()}
+        defaults = (f"default: {values['default']}" if len(set(values.values())) == 1 else
+                    "; ".join(f"{name} preset: {value}" for name, value in values.items()))
         parser.add_argument(flag, type=kind, choices=choices.get(field.name), default=None,
-                            help=f"{field.metadata['help']} (preset default: {field.default})")
+                            help=f"{field.metadata['help']} ({defaults})")
     dist = parser.add_argument_group("multi-host (auto-detected on SLURM and Cloud TPU)")
     dist.add_argument("--coordinator", help="host:port of process 0 for jax.distributed.initialize")
     dist.add_argument("--num-processes", type=int, help="total number of processes")
     dist.add_argument("--process-id", type=int, help="this process's index, 0-based")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file in --data "
                         "(default: skip it with a warning)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (metrics still go to metrics.jsonl; the compile time and the "
+                        "final summary are still printed)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -535,6 +588,9 @@ def main(argv=None) -> int:
         if not setup_distributed(args.coordinator, args.num_processes, args.process_id):
             use_cpu_cores_as_devices(config.batch_size)
         train(config, workdir, progress=not args.no_progress, strict=args.strict)
+    except StoppedBySignal as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + e.signum  # as a shell reports a process ended by that signal: `train.py && ...` stops
     except (ValueError, TrainingError, OSError) as e:
         if args.debug:
             raise

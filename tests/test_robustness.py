@@ -156,6 +156,15 @@ def _kill_9_when(proc, condition, what, log):
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
+def test_a_damaged_latest_checkpoint_is_a_clear_error(trained, tmp_path):
+    workdir = shutil.copytree(trained, tmp_path / "run")
+    shutil.rmtree(workdir / "checkpoints" / "4" / "opt_state")
+    result = _run([*TINY_FLAGS, "--workdir", str(workdir), "--steps", "8"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot restore the checkpoint of step 4 in {workdir / 'checkpoints'}" in result.stderr
+    assert f"Move {workdir / 'checkpoints' / '4'} away to start afresh" in result.stderr
+
+
 def test_kill_9_during_training_resumes_from_the_last_checkpoint(trained, tmp_path):
     workdir, log = shutil.copytree(trained, tmp_path / "run"), tmp_path / "log"
     command = ["--steps", "16"]

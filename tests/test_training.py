@@ -96,10 +96,21 @@ def test_ema_follows_ema_pytorch_schedule():
     assert decay(100_000) == pytest.approx(0.995)
 
 
-def test_changed_model_on_resume_is_an_error(tmp_path):
+def test_changed_model_or_fewer_steps_on_resume_is_an_error(tmp_path):
     training.train(dataclasses.replace(TINY, steps=2, save_every=2), tmp_path, progress=False)
     with pytest.raises(training.TrainingError, match="--dim 8 -> 16"):
         training.train(dataclasses.replace(TINY, dim=16), tmp_path, progress=False)
+    saved = (tmp_path / "config.json").read_text()
+    with pytest.raises(training.TrainingError, match="--steps 1: .* checkpoint of step 2. Pass --steps 2 or more"):
+        training.train(dataclasses.replace(TINY, steps=1, save_every=2), tmp_path, progress=False)
+    assert (tmp_path / "config.json").read_text() == saved  # the run's config is not rewritten
+
+
+def test_ddpm_sampler_ignores_sampling_steps():
+    """--sampling-steps is a DDIM setting: with --sampler ddpm, the default 100 may exceed a small --timesteps."""
+    training.check_config(dataclasses.replace(TINY, sampler="ddpm", timesteps=50, sampling_steps=100), 1)
+    with pytest.raises(ValueError, match="--sampling-steps 100: expected at most --timesteps"):
+        training.check_config(dataclasses.replace(TINY, sampler="ddim", timesteps=50, sampling_steps=100), 1)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
@@ -110,6 +121,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         training.train(exploding, tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
     assert _max_diff(good, _weights(tmp_path)) == 0.0
+    with pytest.raises(training.TrainingError, match="non-finite loss at step .* No checkpoint had been saved yet"):
+        training.train(dataclasses.replace(exploding, save_every=100), tmp_path / "fresh", progress=False)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +135,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
         (["--batch-size", "3"], "--batch-size 3: expected a multiple of the device count (2)"),
         (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--grad-clip", "-1"], "--grad-clip -1.0: expected a non-negative number"),
+        (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
+        (["--adam-b2", "1.5"], "--adam-b2 1.5: expected a number in [0, 1)"),
+        (["--num-processes", "2", "--process-id", "1"], "--num-processes and --process-id need --coordinator"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, flags, message):
@@ -139,6 +156,8 @@ def test_cli_help_explains_every_flag():
                  "--preset", "--coordinator", "--num-processes", "--process-id", "--eta", "--warmup-steps",
                  "--lr-decay"):
         assert flag in result.stdout
+    # Where the presets differ, the help gives both defaults.
+    assert "training resolution (square) (default preset: 32; article preset: 128)" in " ".join(result.stdout.split())
 
 
 def _free_port():
@@ -185,11 +204,13 @@ def test_sigterm_saves_then_exits_0_and_resume_finishes(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # as a shell reports it: `train.py && ...` stops
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 4 and f"step {saved[0]}" in err
+    assert len(saved) == 1 and saved[0] >= 4 and f"stopped by SIGTERM at step {saved[0]}" in err
     resumed = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", str(saved[0] + 2)])
     assert resumed.returncode == 0, resumed.stderr
+    # Without a progress bar the run still says where its results are.
+    assert f"done: step {saved[0] + 2}; samples in {tmp_path / 'samples'}" in resumed.stdout
     assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == saved[0] + 2
 
 
