@@ -50,8 +50,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from ddpm_jax.training import (enable_compilation_cache, replicate_for_sampling, save_grid,
-                                   use_cpu_cores_as_devices)
+    from PIL import Image
+
+    from ddpm_jax.training import (check_image_size, check_schedule, enable_compilation_cache,
+                                   replicate_for_sampling, save_grid, use_cpu_cores_as_devices)
 
     args = parse_args(argv)
     try:
@@ -59,6 +61,12 @@ def main(argv=None) -> int:
             value = getattr(args, flag)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive integer")
+        # Where the images go is checked before the minutes of sampling, not after.
+        out, out_dir = Path(args.out), args.out_dir and Path(args.out_dir)
+        if out.suffix.lower() not in Image.registered_extensions() or out.is_dir():
+            raise ValueError(f"--out {out}: expected an image file name, e.g. samples.png")
+        if out_dir and out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out-dir {out_dir}: expected a folder, not a file")
         checkpoint = Path(args.checkpoint)
         run = (_run_config(checkpoint) if checkpoint.is_dir() else None) or _DEFAULTS
         sampler = args.sampler or run.sampler
@@ -72,17 +80,16 @@ def main(argv=None) -> int:
         timesteps = args.timesteps or run.timesteps
         if sampler == "ddim" and steps > timesteps:
             raise ValueError(f"--steps {steps}: expected at most the {timesteps} diffusion steps (--timesteps)")
+        check_schedule(args.schedule or run.schedule, timesteps)
         schedule = make_schedule(args.schedule or run.schedule, timesteps)
         model = load_model(checkpoint, ema=args.ema)
+        check_image_size(image_size, len(model.downs))
         batch_sharding = replicate_for_sampling(model, args.num)
         images = diffusion.sample(model, schedule, jax.random.key(args.seed), args.num, image_size,
                                   sampler=sampler, steps=steps, eta=eta, batch_sharding=batch_sharding)
         images = np.asarray(images, np.float32)
-        save_grid(images, Path(args.out))
-        if args.out_dir:
-            from PIL import Image
-
-            out_dir = Path(args.out_dir)
+        save_grid(images, out)
+        if out_dir:
             out_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate((np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)):
                 Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(out_dir / f"{i:06d}.png")

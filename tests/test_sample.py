@@ -77,8 +77,20 @@ def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
     assert np.array_equal(run4, eta1) and not np.array_equal(run4, eta0)
 
 
-@pytest.mark.parametrize("flags, message", [(["--eta", "1.5"], "--eta 1.5"), (["--steps", "101"], "--steps 101")])
+@pytest.mark.parametrize("flags, message", [
+    (["--eta", "1.5"], "--eta 1.5"),
+    (["--steps", "101"], "--steps 101"),
+    (["--image-size", "15"], "--image-size 15: expected a multiple of 2"),  # the model has 2 levels
+    (["--timesteps", "10", "--steps", "2"], "--schedule linear with --timesteps 10"),
+    (["--out-dir", __file__], f"--out-dir {__file__}: expected a folder"),
+])
 def test_bad_sampler_settings_exit_2(tmp_path, torch_checkpoint, capsys, flags, message):
     assert main(["--checkpoint", str(torch_checkpoint), *COMMON, *flags, "--out", str(tmp_path / "x.png")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_output_that_cannot_be_written_is_found_before_sampling(tmp_path, torch_checkpoint, capsys):
+    for out in (tmp_path / "no_extension", tmp_path):
+        assert main(["--checkpoint", str(torch_checkpoint), *COMMON, "--out", str(out)]) == 2
+        assert f"--out {out}: expected an image file name" in capsys.readouterr().err
