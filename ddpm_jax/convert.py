@@ -16,6 +16,7 @@ import dataclasses
 import json
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -183,6 +184,12 @@ def read_torch_file(path) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
+    # torch.save writes a zip archive, or in its legacy format a pickle (PROTO opcode first). Anything
+    # else is read as a pickle too, and fails with the UnpicklingError of a checkpoint holding code.
+    with path.open("rb") as f:
+        pickled = f.read(1) == pickle.PROTO
+    if not (pickled or zipfile.is_zipfile(path)):
+        raise ConversionError(f"{path}: is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -191,7 +198,7 @@ def read_torch_file(path) -> object:
             f"weights_only=True does not run (only load checkpoints you trust). Detail: {str(e).splitlines()[0]}"
         ) from None
     except Exception as e:
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise ConversionError(f"{path}: is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def save_model(model: nnx.Module, config: ModelConfig, out_dir) -> Path:
@@ -297,15 +304,19 @@ def main(argv=None) -> int:
     to_torch.add_argument("output", help="the .pt file to write; loads with load_state_dict(strict=True)")
     to_torch.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw weights, not the EMA")
     args = parser.parse_args(argv)
+    out = Path(args.output)
     try:
+        if args.command == "to-flax" and out.exists() and not out.is_dir():
+            raise ConversionError(f"{out}: is a file; expected a directory for {MODEL_JSON} and {PARAMS_DIR}/")
+        if args.command == "to-torch" and out.is_dir():
+            raise ConversionError(f"{out}: is a directory; expected a file path to write, e.g. {out / 'model.pt'}")
         model = load_model(args.input, ema=args.ema)
         config = config_of(model)
         if args.command == "to-flax":
-            out = save_model(model, config, args.output)
+            out = save_model(model, config, out)
         else:
             import torch
 
-            out = Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
             torch.save({k: torch.from_numpy(v) for k, v in to_torch_state(model).items()}, out)
     except (ConversionError, OSError) as e:

@@ -120,14 +120,31 @@ def test_not_a_unet(tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
+@pytest.mark.parametrize("text", ["not a checkpoint\n", "cat: no such file\n", "[1, 2]\n"])
+def test_junk_file_is_not_a_checkpoint_rather_than_refused(tmp_path, text):
+    # weights_only=True raises UnpicklingError for these too, as it does for a checkpoint holding code.
+    (tmp_path / "bad.pt").write_text(text)
+    with pytest.raises(ConversionError, match="is not a PyTorch checkpoint") as info:
+        load_model(tmp_path / "bad.pt")
+    assert "refused" not in str(info.value)
+
+
+def test_legacy_format_checkpoint_loads(tmp_path):
+    variant, kwargs = ARCHITECTURES[1]
+    unet = _unet(variant, **kwargs)
+    torch.save(unet.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "legacy.pt")))
+
+
 class _Payload:
     def __reduce__(self):
         return (open, ("PAYLOAD_RAN", "w"))
 
 
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch, zip_format):
     monkeypatch.chdir(tmp_path)
-    torch.save({"init_conv.weight": _Payload()}, tmp_path / "evil.pt")
+    torch.save({"init_conv.weight": _Payload()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=zip_format)
     assert not (tmp_path / "PAYLOAD_RAN").exists()
     with pytest.raises(ConversionError, match="refused"):
         load_model(tmp_path / "evil.pt")
@@ -142,3 +159,47 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "missing.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_output_of_the_wrong_kind_is_a_one_line_error(tmp_path, capsys):
+    torch.save(_unet("TwoResUNet", dim=8, dim_mults=(1, 2)).state_dict(), tmp_path / "unet.pt")
+    out_dir = tmp_path / "existing_dir"
+    out_dir.mkdir()
+    assert main(["to-torch", str(tmp_path / "unet.pt"), str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out_dir}: is a directory") and "file path" in err and "model.pt" in err
+    assert err.count("\n") == 1 and not any(out_dir.iterdir())
+    out_file = tmp_path / "existing.txt"
+    out_file.write_text("keep me")
+    assert main(["to-flax", str(tmp_path / "unet.pt"), str(out_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out_file}: is a file") and "directory" in err and err.count("\n") == 1
+    assert out_file.read_text() == "keep me"
+
+
+def test_module_run_has_no_runpy_warning_and_public_names_import():
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.convert", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "to-flax" in result.stdout
+    assert "RuntimeWarning" not in result.stderr, result.stderr
+    code = (
+        "import sys, ddpm_jax\n"
+        "assert 'ddpm_jax.convert' not in sys.modules\n"
+        "from ddpm_jax import load_model, build_model, save_model\n"
+        "from ddpm_jax import convert\n"
+        "assert load_model is convert.load_model and build_model is convert.build_model\n"
+        "assert save_model is convert.save_model\n"
+        "assert all(getattr(ddpm_jax, name) is not None for name in ddpm_jax.__all__)\n"
+        "ns = {}\n"
+        "exec('from ddpm_jax import *', ns)\n"
+        "assert set(ddpm_jax.__all__) <= set(ns)\n"
+        "try:\n"
+        "    ddpm_jax.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
