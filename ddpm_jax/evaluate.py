@@ -277,6 +277,12 @@ def to_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
 
 
 def _load_npz(path: str) -> np.ndarray:
+    # np.load reads anything that is neither a zip (.npz) nor a .npy as a pickle, and with
+    # allow_pickle=False blames "pickled (object) data" even for a text file.
+    with open(path, "rb") as f:
+        npy = f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+    if not (npy or zipfile.is_zipfile(path)):
+        raise ValueError(f"{path}: is not a valid .npz file (neither a zip archive of arrays nor a .npy array)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):  # a .npy saved under a .npz name
@@ -378,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
         specs = {"real": (args.real, args.real_seed), "fake": (args.fake, args.fake_seed)}
         image_size, images = args.image_size, {}
-        def kind(spec: str) -> int:  # .npz files set the size; folders and 'embedded' follow it
-            return 2 if spec == "embedded" else 1 if os.path.isdir(spec) else 0
+
+        def kind(spec: str) -> int:  # .npz files set the size; 'embedded' follows it, else 32; folders follow
+            return 2 if os.path.isdir(spec) else 1 if spec == "embedded" else 0
 
         for name in sorted(specs, key=lambda k: kind(specs[k][0])):
             spec, embedded_seed = specs[name]

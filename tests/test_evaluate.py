@@ -251,6 +251,18 @@ def test_load_images_npz(tmp_path):
         ev.load_images(str(tmp_path / "nope.npz"), None)
 
 
+def test_load_images_junk_npz_is_not_an_npz(tmp_path):
+    (tmp_path / "junk.npz").write_text("not an npz\n")
+    with pytest.raises(ValueError, match="junk.npz: is not a valid .npz file") as info:
+        ev.load_images(str(tmp_path / "junk.npz"), None)
+    assert "pickled" not in str(info.value)
+    # A .npy saved under a .npz name still loads.
+    u8 = make_images(2, seed=2)
+    with open(tmp_path / "array.npz", "wb") as f:
+        np.save(f, u8)
+    np.testing.assert_array_equal(ev.load_images(str(tmp_path / "array.npz"), None), u8)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -320,3 +332,23 @@ def test_cli_folder_follows_npz_size(tmp_path, capsys, real):
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (16, 6, 32)
     assert ev.main(["--real", str(folder), "--fake", str(folder)]) == 2
     assert "--image-size" in capsys.readouterr().err
+
+
+def test_cli_folder_with_embedded_defaults_to_32(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(make_images(6, size=48, seed=9)):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    assert ev.main(["--real", "embedded", "--fake", str(folder), "--num", "16"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["num_real"], record["num_fake"], record["image_size"]) == (16, 6, 32)
+    assert ev.main(["--real", str(folder), "--fake", "embedded", "--num", "4", "--fake-seed", "3"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["num_real"], record["num_fake"], record["image_size"]) == (4, 4, 32)
+    expected = ev.swd(ev.load_images(str(folder), 32, num=4), ev.load_images("embedded", 32, num=4, embedded_seed=3))
+    assert record["swd"] == pytest.approx(expected["swd"])
+    proc = _cli("--real", "embedded", "--fake", str(folder), "--num", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["image_size"] == 32
