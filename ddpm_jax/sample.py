@@ -13,7 +13,7 @@ import numpy as np
 from ddpm_jax import diffusion
 from ddpm_jax.config import TrainConfig, read_json
 from ddpm_jax.convert import ConversionError, load_model
-from ddpm_jax.schedules import SCHEDULES, make_schedule
+from ddpm_jax.schedules import SCHEDULES
 
 
 def _run_config(checkpoint: Path) -> TrainConfig | None:
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
         timesteps = args.timesteps or run.timesteps
         if sampler == "ddim" and steps > timesteps:
             raise ValueError(f"--steps {steps}: expected at most the {timesteps} diffusion steps (--timesteps)")
-        check_schedule(args.schedule or run.schedule, timesteps)
-        schedule = make_schedule(args.schedule or run.schedule, timesteps)
+        schedule = check_schedule(args.schedule or run.schedule, timesteps)
         model = load_model(checkpoint, ema=args.ema)
         check_image_size(image_size, len(model.downs))
         batch_sharding = replicate_for_sampling(model, args.num)

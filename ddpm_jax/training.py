@@ -29,7 +29,7 @@ from ddpm_jax import data, diffusion
 from ddpm_jax.config import LR_DECAYS, PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
 from ddpm_jax.convert import build_model
 from ddpm_jax.ops import largest_divisor_at_most
-from ddpm_jax.schedules import SCHEDULES, make_schedule
+from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
 
 CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -271,21 +271,24 @@ def check_config(config: TrainConfig, num_devices: int) -> None:
     check_schedule(config.schedule, config.timesteps)
 
 
-def check_schedule(name: str, timesteps: int) -> None:
-    """The named beta schedule at T = `timesteps` gives every beta in (0, 1), or a ValueError naming the flags."""
-    betas = np.asarray(make_schedule(name, timesteps).betas)
+def check_schedule(name: str, timesteps: int) -> Schedule:
+    """The named beta schedule at T = `timesteps`, once every beta is checked to lie in (0, 1); else a ValueError
+    naming the flags."""
+    schedule = make_schedule(name, timesteps)
+    betas = np.asarray(schedule.betas)
     if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
         raise ValueError(
             f"--schedule {name} with --timesteps {timesteps} gives betas outside (0, 1) "
             f"(range {np.nanmin(betas):.3g}..{np.nanmax(betas):.3g}); the linear schedule needs --timesteps > 20"
         )
+    return schedule
 
 
-def check_image_size(image_size: int, levels: int, flag: str = "--image-size") -> None:
+def check_image_size(image_size: int, levels: int) -> None:
     """A U-Net of `levels` levels halves the image `levels - 1` times: the size must divide evenly."""
     factor = 2 ** (levels - 1)
     if image_size % factor:
-        raise ValueError(f"{flag} {image_size}: expected a multiple of {factor} (2^(levels-1) for {levels} levels)")
+        raise ValueError(f"--image-size {image_size}: expected a multiple of {factor} (2^(levels-1) for {levels} levels)")
 
 
 def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None:
