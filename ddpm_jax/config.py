@@ -61,7 +61,7 @@ class TrainConfig:
     timesteps: int = _field(1000, 'diffusion steps T')
     loss: str = _field("l2", 'l2 | l1 between true and predicted noise')
     batch_size: int = _field(16, 'global batch, split over all devices')
-    steps: int = _field(3000, 'optimizer steps in total')
+    steps: int = _field(4500, 'optimizer steps in total')
     lr: float = _field(2e-3, 'AdamW learning rate (after warm-up); the article uses 1e-4')
     adam_b1: float = _field(0.9, "AdamW beta1 (the article's trainer)")
     adam_b2: float = _field(0.99, "AdamW beta2 (the article's trainer)")
