@@ -1,38 +1,52 @@
-"""A fast depthwise 2-D convolution for XLA:CPU, with a drop-in `conv_general_dilated` for `nnx.Conv`.
+"""The depthwise 2-D convolution of every ConvNeXt block, in four formulations chosen per backend.
 
-XLA's CPU depthwise convolution (`feature_group_count == channels`) is slow in the forward pass and
-slower still in the backward pass (jax#23713, flax#4207): 10-40x slower than elementwise code doing the
-same arithmetic. Here it is written as shift-and-accumulate, with a `jax.custom_vjp`:
+XLA compiles `lax.conv_general_dilated(..., feature_group_count=C)` well on no backend it was measured on:
 
-* forward: the padded input is sliced once per tap and multiplied by that tap's per-channel weights, all
-  taps summed in one elementwise fusion that vectorises over the (minor) channel axis;
-* input gradient: the same, on the cotangent with the spatially flipped kernel;
-* kernel gradient: image and kernel swap roles: each output pixel's (kh, kw) window of the input, times
-  the cotangent at that pixel, is accumulated elementwise into a (B, kh, kw, C) buffer, a `fori_loop`
-  walking the pixels a row at a time; the batch is summed at the end.
+* on CPU it is 10-40x slower than elementwise code doing the same arithmetic, forward and backward
+  (jax#23713, flax#4207);
+* on GPU its kernel gradient is cuDNN's grouped backward-filter kernel, as slow as a dense one
+  (jax#13800): on an H200 it was 52% of the article config's fp32 train step.
 
-The forward and the input gradient are computed in a two-step `fori_loop` (over row blocks) only so that
-XLA cannot fuse them into a consumer: fused into a reduction such as a GroupNorm's mean, the 49-term sum
-would be recomputed in XLA:CPU's scalar reduce loop or sent to YNNPACK with its 49 slices materialised.
+So the op has four implementations (`impl`):
 
-Off CPU (or with `impl="lax"`) the op is `lax.conv_general_dilated(..., feature_group_count=C)`; the
-choice is made per lowering platform by `lax.platform_dependent`. Results match lax within float32
-rounding; the kernel gradient is more accurate than lax's (shorter summation chains).
+* "shift": shift-and-accumulate with a `jax.custom_vjp`. The forward sums, per tap, the padded input's
+  slice times that tap's per-channel weights, in one elementwise fusion that vectorises over the (minor)
+  channel axis; the input gradient is the same on the cotangent with the flipped kernel; the kernel
+  gradient swaps the roles of image and kernel (each output pixel's window of the input, times the
+  cotangent there, accumulated into a (B, kh, kw, C) buffer by a `fori_loop` over pixels). The default on CPU.
+* "lax": XLA's grouped convolution and its own autodiff. The default elsewhere (on an H200 the "shift"
+  path was slower: 124 ms against 94 ms per article-config train step).
+* "swap": XLA's grouped convolution forward and input gradient, with the kernel gradient as one grouped
+  convolution of the input by the cotangent with batch and channel swapped, so that each channel is
+  its own group and the batch is what is summed (the rewrite of tracel-ai/burn#5422).
+* "taps": the same forward and input gradient, with the kernel gradient as one batched matmul over the
+  kh * kw taps (batch: channels; contraction: batch and pixels).
+
+`depthwise_conv2d(..., impl="auto")` picks per lowering platform (`lax.platform_dependent`): `DEFAULT_IMPL`,
+or every platform the one named by `use_impl` (a context manager, for tests and benchmarks) or by the
+environment variable DDPM_JAX_DEPTHWISE when the module is imported. All four agree within float32
+rounding; tests force each on the CPU against lax and against float64.
 
 Two entry points:
 
 * `depthwise_conv2d(x_BHWC, kernel_HW1C, padding)`: NHWC input, flax-style HWIO kernel `(kh, kw, 1, C)`,
   stride 1, no dilation; bias is the caller's.
 * `conv_general_dilated(...)`: the signature of `jax.lax.conv_general_dilated`; depthwise NHWC/HWIO
-  calls with stride 1 and no dilation take the fast path and everything else is passed to lax unchanged,
-  so it can be given to any `nnx.Conv(..., conv_general_dilated=conv_general_dilated)`.
+  calls with stride 1 and no dilation take `depthwise_conv2d` and everything else is passed to lax
+  unchanged, so it can be given to any `nnx.Conv(..., conv_general_dilated=conv_general_dilated)`.
 
-Not supported through the custom VJP: forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) of the
-shift implementation; use `impl="lax"` for that.
+Not supported through the custom VJPs: forward-mode differentiation (`jax.jvp`, `jax.jacfwd`); use
+`impl="lax"` for that.
+
+The module also holds `training_compiler_options()`, the XLA:CPU compile options of programs that
+differentiate the model, which route its dense convolutions (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 from collections.abc import Sequence
 from functools import partial
 
@@ -41,7 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["conv_general_dilated", "depthwise_conv2d", "depthwise_conv2d_lax", "depthwise_conv2d_shift"]
+__all__ = ["IMPLS", "conv_general_dilated", "depthwise_conv2d", "training_compiler_options", "use_impl"]
+
+IMPLS = ("shift", "lax", "swap", "taps")
+# Measured fastest per lowering platform ("cpu", "cuda", "rocm", "tpu"); a platform not listed uses "lax".
+# "swap" and "taps" have not yet been timed on a GPU (benchmarks/gpu_check.sh does).
+DEFAULT_IMPL = {"cpu": "shift"}
+_forced: list[str | None] = [None]  # set by use_impl or DDPM_JAX_DEPTHWISE: one impl on every platform
 
 _NHWC_SPEC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -168,29 +188,84 @@ def _check(x_BHWC, kernel_HW1C):
         raise ValueError(f"kernel has {kernel_HW1C.shape[3]} channels, input {x_BHWC.shape[3]}")
 
 
-def depthwise_conv2d_shift(x_BHWC, kernel_HW1C, padding: Padding, preferred_element_type=None):
-    """The shift-and-accumulate depthwise conv (any backend; the fast choice on CPU)."""
-    _check(x_BHWC, kernel_HW1C)
-    pads = _pads(padding, x_BHWC.shape, kernel_HW1C.shape)
-    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_BHWC.dtype, kernel_HW1C.dtype))
-    return _dw_shift(x_BHWC, kernel_HW1C[:, :, 0, :], pads, out_dtype)
-
-
-def depthwise_conv2d_lax(x_BHWC, kernel_HW1C, padding: Padding, preferred_element_type=None, precision=None):
-    """`lax.conv_general_dilated(..., feature_group_count=C)`: the reference, and the choice off CPU."""
-    _check(x_BHWC, kernel_HW1C)
-    pads = _pads(padding, x_BHWC.shape, kernel_HW1C.shape)
+def _grouped_conv(x_BHWC, kernel_HW1C, pads, precision, preferred_element_type):
     dtype = jnp.result_type(x_BHWC.dtype, kernel_HW1C.dtype)
     return lax.conv_general_dilated(
-        x_BHWC.astype(dtype),
-        kernel_HW1C.astype(dtype),
-        (1, 1),
-        pads,
-        dimension_numbers=_NHWC,
-        feature_group_count=x_BHWC.shape[3],
-        precision=precision,
-        preferred_element_type=preferred_element_type,
+        x_BHWC.astype(dtype), kernel_HW1C.astype(dtype), (1, 1), pads, dimension_numbers=_NHWC,
+        feature_group_count=x_BHWC.shape[3], precision=precision, preferred_element_type=preferred_element_type,
     )
+
+
+def _kernel_grad_swap(xp_BHWC, g_BHWC, precision):
+    """dk[i, j, c] = sum_bhw xp[b, h + i, w + j, c] * g[b, h, w, c] as one grouped convolution: the input as a
+    single image of C * B features (group c: channel c of every image), g as its (H, W, B, C) kernel."""
+    b, hp, wp, c = xp_BHWC.shape
+    lhs = xp_BHWC.transpose(1, 2, 3, 0).reshape(1, hp, wp, c * b)
+    rhs = g_BHWC.astype(lhs.dtype).transpose(1, 2, 0, 3)
+    out = lax.conv_general_dilated(lhs, rhs, (1, 1), "VALID", dimension_numbers=_NHWC, feature_group_count=c,
+                                   precision=precision)
+    return out[0]
+
+
+def _kernel_grad_taps(xp_BHWC, g_BHWC, precision):
+    """The same sum as a batched matmul: the kh * kw shifted views of the input stacked on a taps axis,
+    contracted with g over batch and pixels, batched over channels."""
+    _, h, w, c = g_BHWC.shape
+    kh, kw = xp_BHWC.shape[1] - h + 1, xp_BHWC.shape[2] - w + 1
+    taps = jnp.stack([xp_BHWC[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)])
+    dk = jnp.einsum("tbhwc,bhwc->tc", taps, g_BHWC.astype(taps.dtype), precision=precision)
+    return dk.reshape(kh, kw, c)
+
+
+_KERNEL_GRADS = {"swap": _kernel_grad_swap, "taps": _kernel_grad_taps}
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _dw_lax_wgrad(x_BHWC, kernel_HW1C, pads, impl, precision, preferred_element_type):
+    return _grouped_conv(x_BHWC, kernel_HW1C, pads, precision, preferred_element_type)
+
+
+def _dw_lax_wgrad_fwd(x_BHWC, kernel_HW1C, pads, impl, precision, preferred_element_type):
+    return _dw_lax_wgrad(x_BHWC, kernel_HW1C, pads, impl, precision, preferred_element_type), (x_BHWC, kernel_HW1C)
+
+
+def _dw_lax_wgrad_bwd(pads, impl, precision, preferred_element_type, res, g_BHWC):
+    x_BHWC, kernel_HW1C = res
+    # The input gradient is XLA's own (a grouped convolution of g with the flipped kernel: a forward call).
+    _, input_vjp = jax.vjp(lambda x: _grouped_conv(x, kernel_HW1C, pads, precision, preferred_element_type), x_BHWC)
+    (dx,) = input_vjp(g_BHWC)
+    ct = _compute_dtype(x_BHWC.dtype, kernel_HW1C.dtype, g_BHWC.dtype)
+    dk = _KERNEL_GRADS[impl](_pad_hw(x_BHWC.astype(ct), pads), g_BHWC.astype(ct), precision)
+    return dx, dk[:, :, None, :].astype(kernel_HW1C.dtype)
+
+
+_dw_lax_wgrad.defvjp(_dw_lax_wgrad_fwd, _dw_lax_wgrad_bwd)
+
+
+def _depthwise(impl, x_BHWC, kernel_HW1C, pads, preferred_element_type, precision):
+    if impl == "shift":
+        out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_BHWC.dtype, kernel_HW1C.dtype))
+        return _dw_shift(x_BHWC, kernel_HW1C[:, :, 0, :], pads, out_dtype)
+    if impl == "lax":
+        return _grouped_conv(x_BHWC, kernel_HW1C, pads, precision, preferred_element_type)
+    return _dw_lax_wgrad(x_BHWC, kernel_HW1C, pads, impl, precision, preferred_element_type)
+
+
+def _check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"depthwise impl must be one of {IMPLS}, not {impl!r}")
+    return impl
+
+
+@contextlib.contextmanager
+def use_impl(impl: str | None):
+    """Within the block, `impl="auto"` traces `impl` on every platform (None: the per-platform defaults).
+    It acts when a function is traced: a jitted function traced earlier keeps its choice."""
+    previous, _forced[0] = _forced[0], impl if impl is None else _check_impl(impl)
+    try:
+        yield
+    finally:
+        _forced[0] = previous
 
 
 def depthwise_conv2d(x_BHWC, kernel_HW1C, padding: Padding = "SAME", *, impl: str = "auto",
@@ -199,20 +274,21 @@ def depthwise_conv2d(x_BHWC, kernel_HW1C, padding: Padding = "SAME", *, impl: st
 
     x_BHWC: (B, H, W, C); kernel_HW1C: (kh, kw, 1, C) as nnx.Conv stores it for feature_group_count=C;
     padding: an int p (p on every side), 'SAME'/'VALID', or ((lo_h, hi_h), (lo_w, hi_w)).
-    impl: "auto" (shift-and-accumulate when lowering for CPU, lax elsewhere), "shift" or "lax".
+    impl: "auto" (per lowering platform: see the module docstring), or one of IMPLS.
     """
-    if impl == "shift":
-        return depthwise_conv2d_shift(x_BHWC, kernel_HW1C, padding, preferred_element_type)
-    if impl == "lax":
-        return depthwise_conv2d_lax(x_BHWC, kernel_HW1C, padding, preferred_element_type, precision)
+    _check(x_BHWC, kernel_HW1C)
+    pads = _pads(padding, x_BHWC.shape, kernel_HW1C.shape)
+    args = (x_BHWC, kernel_HW1C, pads, preferred_element_type, precision)
     if impl != "auto":
-        raise ValueError(f"impl must be 'auto', 'shift' or 'lax', not {impl!r}")
+        return _depthwise(_check_impl(impl), *args)
+    if _forced[0] is not None:
+        return _depthwise(_forced[0], *args)
     # Chosen when lowering, per platform: the CPU branch only exists in CPU executables.
+    def branch(impl):
+        return lambda x, k: _depthwise(impl, x, k, *args[2:])
+
     return lax.platform_dependent(
-        x_BHWC,
-        kernel_HW1C,
-        cpu=lambda x, k: depthwise_conv2d_shift(x, k, padding, preferred_element_type),
-        default=lambda x, k: depthwise_conv2d_lax(x, k, padding, preferred_element_type, precision),
+        x_BHWC, kernel_HW1C, **{p: branch(i) for p, i in DEFAULT_IMPL.items()}, default=branch("lax")
     )
 
 
@@ -271,3 +347,39 @@ def conv_general_dilated(
             preferred_element_type=preferred_element_type, out_sharding=out_sharding,
         )
     return depthwise_conv2d(lhs, rhs, padding, preferred_element_type=preferred_element_type, precision=precision)
+
+
+if os.environ.get("DDPM_JAX_DEPTHWISE"):
+    if os.environ["DDPM_JAX_DEPTHWISE"] not in IMPLS:
+        raise ValueError(f"DDPM_JAX_DEPTHWISE={os.environ['DDPM_JAX_DEPTHWISE']!r}: expected one of {IMPLS}")
+    _forced[0] = os.environ["DDPM_JAX_DEPTHWISE"]
+
+
+# XLA:CPU hands dense convolutions to YNNPACK by default. Through XLA's Eigen convolution instead (oneDNN's
+# sgemm inside) the default U-Net's dense convolutions with both gradients took 274 ms per device and step
+# against 368 ms on a 2-core Intel Xeon (benchmarks/conv_paths.py), 3-7% of the whole train step in
+# alternating runs; forward-only programs (the sampler) were 4-6% slower that way, so they keep XLA's
+# default. Dots and reductions stay with YNNPACK. docs/performance.md has the measurements.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# With one JAX device per core every device is busy at once: Eigen's own threads would only contend.
+_ONE_THREAD_PER_DEVICE = {"xla_cpu_multi_thread_eigen": False}
+
+
+@functools.cache
+def training_compiler_options() -> dict:
+    """Options for `jax.jit(..., compiler_options=...)` of a program that differentiates the model.
+
+    On CPU: dense convolutions through XLA's Eigen path, and single-threaded Eigen when there is one JAX
+    device per core (`training.use_cpu_cores_as_devices`). Elsewhere, or on a jaxlib that does not know
+    these options, none. Call it after JAX's backends are set up (it queries them)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    options = dict(_CPU_OPTIONS)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if jax.local_device_count() >= cores > 1:
+        options.update(_ONE_THREAD_PER_DEVICE)
+    try:  # an option this jaxlib does not know is an error at compile time: drop them all then
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return {}
+    return options

@@ -1,4 +1,4 @@
-"""ddpm_jax.ops: the shift-and-accumulate depthwise conv against lax.conv_general_dilated(feature_group_count=C).
+"""ddpm_jax.ops: every depthwise formulation, forced on the CPU, against lax.conv_general_dilated(feature_group_count=C).
 
 Tolerances are the project's: forward and input gradient max-abs <= 1e-5 on unit-scale inputs; the kernel
 gradient, a sum over B*H*W products and so O(sqrt(B*H*W)) in size, is held to 1e-5 of its largest entry
@@ -62,8 +62,9 @@ def finite(*arrays):
     return all(np.isfinite(np.asarray(a, np.float32)).all() for a in arrays)
 
 
+@pytest.mark.parametrize("impl", ["shift", "swap", "taps"])
 @pytest.mark.parametrize("shape,k,padding", CASES)
-def test_forward_and_gradients_match_lax(shape, k, padding):
+def test_forward_and_gradients_match_lax(shape, k, padding, impl):
     x, kernel = inputs(shape, k)
     pads = ops._pads(padding, x.shape, kernel.shape)
 
@@ -75,7 +76,7 @@ def test_forward_and_gradients_match_lax(shape, k, padding):
 
     out_shape = jax.eval_shape(ref, x, kernel).shape
     cotangent = np.random.default_rng(1).standard_normal(out_shape, dtype=np.float32)
-    y, dx, dk = output_and_grads(lambda x, kernel: ops.depthwise_conv2d(x, kernel, padding, impl="shift"))(
+    y, dx, dk = output_and_grads(lambda x, kernel: ops.depthwise_conv2d(x, kernel, padding, impl=impl))(
         x, kernel, cotangent
     )
     y_ref, dx_ref, dk_ref = output_and_grads(ref)(x, kernel, cotangent)
@@ -91,6 +92,30 @@ def test_pads():
     assert ops._pads("SAME", (2, 8, 8, 4), (7, 7, 1, 4)) == ((3, 3), (3, 3))
     assert ops._pads("VALID", (2, 8, 8, 4), (3, 3, 1, 4)) == ((0, 0), (0, 0))
     assert ops._pads([(0, 2), (1, 1)], (2, 8, 8, 4), (3, 3, 1, 4)) == ((0, 2), (1, 1))
+
+
+def test_use_impl_forces_a_formulation_where_auto_would_choose():
+    x, kernel = inputs((2, 8, 8, 4), 7)
+
+    def jaxpr(impl):
+        with ops.use_impl(impl):
+            return str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(ops.depthwise_conv2d(x, k, 3))))(kernel))
+
+    auto, forced = jaxpr(None), jaxpr("taps")
+    assert "platform_index" in auto and "platform_index" not in forced
+    assert "dot_general" in forced and "dot_general" not in auto
+    with pytest.raises(ValueError, match="one of"):
+        with ops.use_impl("cudnn"):
+            pass
+
+
+def test_an_unknown_impl_in_the_environment_is_a_clear_error():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import ddpm_jax.ops"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "DDPM_JAX_DEPTHWISE": "cudnn"})
+    assert run.returncode != 0 and "DDPM_JAX_DEPTHWISE='cudnn': expected one of" in run.stderr
 
 
 def test_auto_uses_the_shift_op_on_cpu():
@@ -180,3 +205,37 @@ def test_nnx_conv_adapter_routes_only_depthwise_stride_1(groups, kw):
         assert "custom_vjp_call" in jaxpr and "platform_index" in jaxpr
     else:
         assert jaxpr == jaxpr_ref
+
+
+def _conv_grad_hlo(**jit_kwargs):
+    x, w = np.ones((2, 8, 8, 16), np.float32), np.ones((3, 3, 16, 32), np.float32)
+
+    def loss(x, w):
+        return jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)), **jit_kwargs).lower(x, w).compile().as_text()
+
+
+@pytest.fixture
+def fresh_options():
+    """training_compiler_options is cached per process: recompute it here, and forget what the test saw."""
+    ops.training_compiler_options.cache_clear()
+    yield
+    ops.training_compiler_options.cache_clear()
+
+
+def test_training_options_take_dense_convolutions_off_ynnpack(monkeypatch, fresh_options):
+    options = ops.training_compiler_options()
+    assert "xla_cpu_experimental_ynn_fusion_type" in options
+    assert "__ynn" in _conv_grad_hlo() and "__ynn" not in _conv_grad_hlo(compiler_options=options)
+
+    # One JAX device per core: Eigen single-threaded as well.
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+    monkeypatch.setattr(ops.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    ops.training_compiler_options.cache_clear()
+    assert ops.training_compiler_options()["xla_cpu_multi_thread_eigen"] is False
+
+    # A jaxlib that does not know an option gets none rather than a failed compile.
+    monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    ops.training_compiler_options.cache_clear()
+    assert ops.training_compiler_options() == {}
