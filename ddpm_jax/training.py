@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import data, diffusion
+from ddpm_jax import data, diffusion, ops
 from ddpm_jax.config import LR_DECAYS, PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
 from ddpm_jax.convert import build_model
 from ddpm_jax.ops import largest_divisor_at_most
@@ -396,6 +396,7 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
         partial(train_step, graphdef=graphdef, schedule=schedule, tx=tx, config=config),
         donate_argnums=0,
         out_shardings=(replicated, replicated),
+        compiler_options=ops.training_compiler_options(),
     )
     key = jax.random.key(config.seed)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)
