@@ -1,23 +1,41 @@
-"""JAX vs the PyTorch reference on the same work, same machine, same thread count, in one process.
+"""JAX against PyTorch on the same work, timed alternately so that a machine whose speed drifts cannot bias the ratio.
 
-    python benchmarks/bench.py [--config default|article] [--json out.json] [--png chart.png]
+    python benchmarks/bench.py [--config default|article|tiny] [--device cpu|gpu] [--precision fp32|bf16|both]
+                               [--rounds 12] [--no-torch-compile] [--json F] [--md F] [--png F]
 
-Times (medians of --repeats runs after warm-up) a training step (AdamW, one t per sample), a forward
-pass, and 1000-step DDPM sampling of the batch. Sampling is timed over --sample-steps steps and
-scaled to 1000: every step does the same work. Compile time is reported apart: cold, and again from
-the persistent compilation cache. PyTorch runs eager and, unless --no-torch-compile, torch.compile.
+Peers, each in a worker process of its own with its framework's default threading, as users run them:
+
+* fp32: PyTorch eager, torch.compile, JAX (on a CPU, one JAX device per core, as train.py runs);
+* bf16: PyTorch eager and torch.compile under `torch.autocast(bfloat16)`, JAX computing in bfloat16; both
+  keep float32 parameters and optimizer state.
+
+Workloads: a training step (AdamW as the article's trainer, one t per sample; the JAX step also updates
+its EMA), a forward pass of the U-Net, and DDPM sampling of the batch, timed over --sample-steps steps and
+scaled to 1000 (every step is the same work; torch.compile is not timed sampling).
+
+Method: every peer builds, compiles and warms up first. Then, in each of --rounds rounds, every workload
+runs once on every peer, one peer after the other, the order reversed every other round; a "run" is as
+many back-to-back calls as fill about --turn-seconds (at least one), and its time the median call. Each
+round gives one ratio JAX / peer. Reported: the median of the per-round ratios with their min and max,
+and the median absolute times. A torch.compile peer whose compile and warm-up pass --compile-cap
+seconds is dropped with a note. The JSON records the machine (CPU model, cores, AVX-512, AMX; the
+GPU's name) and the library versions.
 """
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
+import math
+import multiprocessing
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,86 +43,209 @@ import numpy as np
 CONFIGS = {
     "default": dict(model="TwoResUNet", dim=32, dim_mults=(1, 2, 4, 8), image_size=32, batch_size=16),
     "article": dict(model="TwoResUNet", dim=64, dim_mults=(1, 2, 4, 8), image_size=128, batch_size=16),
+    "tiny": dict(model="OneResUNet", dim=8, dim_mults=(1,), image_size=16, batch_size=4),  # for tests
 }
+WORKLOADS = {"train_step": "train step", "forward": "forward", "sample_1000": "DDPM sampling, 1000 steps"}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
 
 
-class PeakRSS:
-    """Peak resident memory above the starting point while the block runs (CPU: both frameworks' heap)."""
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    name: str
+    framework: str  # "torch" | "jax"
+    precision: str  # "fp32" | "bf16"
+    compiled: bool = False  # torch.compile
+    depthwise: str | None = None  # JAX: force this ddpm_jax.ops formulation (DDPM_JAX_DEPTHWISE)
 
-    def __init__(self):
-        import psutil
-
-        self._proc, self.peak_mb = psutil.Process(), 0.0
-
-    def __enter__(self):
-        self._start, self._stop = self._proc.memory_info().rss, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, (self._proc.memory_info().rss - self._start) / 2**20)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    @property
+    def workloads(self):
+        if self.depthwise:  # only the kernel gradient differs between formulations: the train step shows it
+            return ["train_step"]
+        return [w for w in WORKLOADS if not (self.compiled and w == "sample_1000")]
 
 
-def median_time(fn, repeats, sync):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+PEERS = {
+    "fp32": [Peer("PyTorch eager", "torch", "fp32"), Peer("torch.compile", "torch", "fp32", True),
+             Peer("JAX", "jax", "fp32")],
+    "bf16": [Peer("PyTorch eager, autocast bf16", "torch", "bf16"),
+             Peer("torch.compile, autocast bf16", "torch", "bf16", True), Peer("JAX bf16", "jax", "bf16")],
+}
 
 
-def bench_torch(cfg, args, x_np, t_np, noise_np, compiled: bool):
-    import torch
+# ----------------------------------------------------------------------------------------------------------
+# The machine.
 
-    import ddpm_torch
-    from ddpm_torch import training as torch_training
 
-    device = "cuda" if args.device == "gpu" else "cpu"
-    sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
-    torch.manual_seed(0)
-    unet = ddpm_torch.UNETS[cfg["model"]](cfg["dim"], dim_mults=cfg["dim_mults"]).to(device)
-    diffusion = ddpm_torch.DiffusionModel(unet, cfg["image_size"], timesteps=1000).to(device)
-    opt = torch_training.make_optimizer(diffusion)
-    x, noise = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(device) for a in (x_np, noise_np))
-    t = torch.from_numpy(t_np).long().to(device)
-    step = torch_training.train_step
-    forward = unet
-    if compiled:
-        step, forward = torch.compile(step), torch.compile(unet)
-    out = {}
-    t0 = time.perf_counter()
-    sync(step(diffusion, opt, x, t, noise))
-    out["first_step_seconds"] = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        sync(step(diffusion, opt, x, t, noise))
-    with PeakRSS() as mem:
-        out["train_step"] = median_time(lambda: step(diffusion, opt, x, t, noise), args.repeats, sync)
-    out["peak_rss_mb"] = mem.peak_mb
-    with torch.no_grad():
-        for _ in range(args.warmup):
-            sync(forward(x, t))
-        out["forward"] = median_time(lambda: forward(x, t), args.repeats, sync)
-    if not compiled:  # the reference's own sampling loop, one p_sample per step
-        def sample_share():
-            img = torch.randn_like(x)
-            for i in reversed(range(1000 - args.sample_steps, 1000)):
-                img = diffusion.p_sample(img, i)
-            return img
+def cpu_info() -> dict:
+    """CPU model, usable cores and the vector/matrix extensions that decide which kernels run (Linux)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or re.match("()", "")).group(1).split())
+    return {
+        "cpu_model": model.group(1).strip() if model else platform.processor() or platform.machine(),
+        "vendor": (re.search(r"^vendor_id\s*:\s*(.+)$", text, re.M) or re.match("()", "")).group(1).strip(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "avx512": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_tile" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+    }
 
-        sample_share()
-        out["sample_1000"] = median_time(sample_share, max(3, args.repeats // 2), sync) * 1000 / args.sample_steps
-    if device == "cuda":
-        out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
     return out
+
+
+def machine_name(machine: dict) -> str:
+    cpu = machine["cpu"]
+    ext = ", ".join(e for e, on in (("AVX-512", cpu["avx512"]), ("AMX", cpu["amx"])) if on) or "no AVX-512"
+    name = f"{cpu['cpu_model']} ({cpu['cores']} cores, {ext})"
+    return f"{machine['gpu']} (host: {name})" if machine.get("gpu") else name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workers: one process per peer.
+
+
+def _timed(fn, sync):
+    t0 = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t0
+
+
+class Runner:
+    """A peer's workloads as zero-argument callables (`self.fns`), each synchronised by `self.sync`."""
+
+    fns: dict
+    info: dict
+
+    def sync(self, result):
+        return result
+
+    def warm_up(self, warmup: int, turn_seconds: float):
+        """Warm-up calls, then the number of calls per run: as many as fill `turn_seconds`, at least one."""
+        self.calls = {}
+        for name, fn in self.fns.items():
+            seconds = [_timed(fn, self.sync) for _ in range(max(1, warmup))]
+            self.calls[name] = max(1, min(50, math.floor(turn_seconds / max(seconds[-1], 1e-6))))
+
+    def run(self, workload: str) -> float:
+        return statistics.median(_timed(self.fns[workload], self.sync) for _ in range(self.calls[workload]))
+
+
+class TorchRunner(Runner):
+    def __init__(self, peer: Peer, cfg: dict, opts: dict):
+        import torch
+
+        import ddpm_torch
+        from ddpm_torch import training
+
+        device = "cuda" if opts["device"] == "gpu" else "cpu"
+        if device == "cuda":
+            self.sync = lambda _: torch.cuda.synchronize()
+        dtype = torch.bfloat16 if peer.precision == "bf16" else None
+        torch.manual_seed(0)
+        unet = ddpm_torch.UNETS[cfg["model"]](cfg["dim"], dim_mults=cfg["dim_mults"]).to(device)
+        diffusion = ddpm_torch.DiffusionModel(unet, cfg["image_size"], timesteps=1000).to(device)
+        opt = training.make_optimizer(diffusion)
+        x, noise, t = (torch.from_numpy(a).to(device) for a in inputs(cfg, "NCHW"))
+        step, forward = training.train_step, unet
+        if peer.compiled:
+            step, forward = torch.compile(step), torch.compile(unet)
+
+        def autocast():
+            return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype is not None)
+
+        def forward_call():
+            with torch.no_grad(), autocast():
+                return forward(x, t)
+
+        def sample_share():  # the reference's own loop, one p_sample per step
+            with torch.no_grad(), autocast():
+                img = torch.randn_like(x)
+                for i in reversed(range(1000 - opts["sample_steps"], 1000)):
+                    img = diffusion.p_sample(img, i)
+                return img
+
+        t0 = time.perf_counter()
+        self.sync(step(diffusion, opt, x, t, noise, autocast_dtype=dtype))
+        self.info = {"first_step_seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+        fns = {"train_step": lambda: step(diffusion, opt, x, t, noise, autocast_dtype=dtype),
+               "forward": forward_call, "sample_1000": sample_share}
+        self.fns = {w: fns[w] for w in peer.workloads}
+        if device == "cuda":
+            self.info["gpu"] = torch.cuda.get_device_name()
+            self._peak = lambda: torch.cuda.max_memory_allocated() / 2**20
+
+    def peak_device_mb(self):
+        return self._peak() if hasattr(self, "_peak") else None
+
+
+class JaxRunner(Runner):
+    def __init__(self, peer: Peer, cfg: dict, opts: dict):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from ddpm_jax import diffusion
+        from ddpm_jax.schedules import make_schedule
+
+        self.sync = jax.block_until_ready
+        x_np, _, _ = inputs(cfg, "NHWC")
+        compile_step, state, x, key, batch_sharding, graphdef = jax_train_setup(cfg, x_np, peer.precision)
+        self.info = {}
+        _, self.info["compile_seconds"] = compile_step()  # cold: fills the (empty, temporary) persistent cache
+        jax.clear_caches()
+        step, self.info["compile_seconds_cached"] = compile_step()
+        cost = step.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        self.info["train_step_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
+        self.info["jax_devices"] = jax.device_count()
+        self.info["jax_device_kind"] = jax.devices()[0].device_kind
+        holder = {"state": state}
+
+        def train_step():
+            holder["state"], metrics = step(holder["state"], x, key)
+            return metrics
+
+        # The forward and the sampler get their own copy of the weights: the train step donates its state.
+        model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
+        fwd_graphdef, fwd_state = nnx.split(model)
+        forward = jax.jit(lambda s, x, t: nnx.merge(fwd_graphdef, s)(x, t))
+        t_B = jax.device_put(jnp.full((x.shape[0],), 500, jnp.int32), batch_sharding)
+        share = make_schedule("linear", opts["sample_steps"])  # the same per-step work, fewer steps
+
+        def sample_share():
+            return diffusion.sample(model, share, key, x.shape[0], x.shape[1], batch_sharding=batch_sharding)
+
+        fns = {"train_step": train_step, "forward": lambda: forward(fwd_state, x, t_B), "sample_1000": sample_share}
+        self.fns = {w: fns[w] for w in peer.workloads}  # only these are warmed up, so only these compile
+        if opts["device"] == "gpu":
+            self.info["gpu"] = jax.devices()[0].device_kind
+            self._device = jax.devices()[0]
+
+    def peak_device_mb(self):
+        if not hasattr(self, "_device"):
+            return None
+        return (self._device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**20
+
+
+def inputs(cfg: dict, layout: str):
+    """The same images, noise and timesteps for every peer: (x, noise, t), x and noise in `layout`."""
+    rng = np.random.default_rng(0)
+    shape = (cfg["batch_size"], cfg["image_size"], cfg["image_size"], 3)
+    x = rng.uniform(-1, 1, shape).astype(np.float32)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    t = rng.integers(0, 1000, cfg["batch_size"])
+    if layout == "NCHW":
+        x, noise = (np.ascontiguousarray(a.transpose(0, 3, 1, 2)) for a in (x, noise))
+    return x, noise, t
 
 
 def jax_train_setup(cfg, x_np, precision):
@@ -112,10 +253,11 @@ def jax_train_setup(cfg, x_np, precision):
     devices. Returns (compile_step, state, x, key, batch_sharding, graphdef): compile_step() traces, lowers and
     compiles a fresh jit of the step and returns (executable, seconds)."""
     import jax
+    from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ddpm_jax import training
+    from ddpm_jax import ops, training
     from ddpm_jax.config import PRESETS
     from ddpm_jax.schedules import make_schedule
 
@@ -127,8 +269,8 @@ def jax_train_setup(cfg, x_np, precision):
     schedule = make_schedule("linear", 1000)
     mesh = training.data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    graphdef, state = training.init_state(config, tx)
-    state = jax.device_put(state, replicated)
+    graphdef, _ = nnx.eval_shape(lambda: training.init_state(config, tx))
+    state = jax.jit(lambda: training.init_state(config, tx)[1], out_shardings=replicated)()  # as train.py: one program
     x = jax.device_put(x_np, batch_sharding)
     key = jax.random.key(0)
 
@@ -138,176 +280,262 @@ def jax_train_setup(cfg, x_np, precision):
             lambda s, b, k: training.train_step(s, b, k, graphdef=graphdef, schedule=schedule, tx=tx, config=config),
             donate_argnums=0,
             out_shardings=(replicated, replicated),
+            compiler_options=ops.training_compiler_options(),
         )
         return step.lower(state, x, key).compile(), time.perf_counter() - t0
 
     return compile_step, state, x, key, batch_sharding, graphdef
 
 
-def bench_jax(cfg, args, x_np, noise_np, precision):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def worker(conn, peer: Peer, cfg: dict, opts: dict):
+    """Build the peer, warm it up, report "ready", then run one workload per request until told to stop."""
+    try:
+        if peer.depthwise:
+            os.environ["DDPM_JAX_DEPTHWISE"] = peer.depthwise
+        if peer.framework == "jax":
+            if opts["device"] == "cpu":
+                os.environ["JAX_PLATFORMS"] = "cpu"
+            else:  # leave the GPU's memory to the PyTorch workers too
+                os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+            os.environ["DDPM_JAX_COMPILATION_CACHE"] = opts["compilation_cache"]
+            import jax
 
-    from ddpm_jax import diffusion
-    from ddpm_jax.schedules import make_schedule
+            from ddpm_jax.training import enable_compilation_cache, use_cpu_cores_as_devices
 
-    compile_step, state, x, key, batch_sharding, graphdef = jax_train_setup(cfg, x_np, precision)
-    sync = jax.block_until_ready
-    out = {}
+            if opts["device"] == "cpu":
+                use_cpu_cores_as_devices(cfg["batch_size"])  # as train.py does: data parallel over the cores
+            elif jax.default_backend() != "gpu":
+                raise RuntimeError(f"--device gpu, but JAX's backend is {jax.default_backend()!r}")
+            enable_compilation_cache()
+            runner = JaxRunner(peer, cfg, opts)
+        else:
+            runner = TorchRunner(peer, cfg, opts)
+        runner.warm_up(opts["warmup"], opts["turn_seconds"])
+        conn.send(("ready", {**runner.info, "calls_per_run": runner.calls}))
+        while (workload := conn.recv()) is not None:
+            scale = 1000 / opts["sample_steps"] if workload == "sample_1000" else 1.0
+            conn.send(("time", runner.run(workload) * scale))
+        import resource
 
-    _, out["compile_seconds"] = compile_step()  # cold: fills the (empty, temporary) persistent cache
-    jax.clear_caches()
-    compiled, out["compile_seconds_cached"] = compile_step()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    out["train_step_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
+        conn.send(("done", {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "peak_device_mb": runner.peak_device_mb()}))
+    except BaseException:  # noqa: BLE001  (the parent reports it)
+        conn.send(("error", traceback.format_exc()))
 
-    holder = {"state": state}
 
-    def one_step():
-        holder["state"], metrics = compiled(holder["state"], x, key)
-        return metrics
+class PeerProcess:
+    def __init__(self, peer: Peer, cfg: dict, opts: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.peer, self.conn = peer, None
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=worker, args=(child, peer, cfg, opts), daemon=True)
+        self.process.start()
+        self.started = time.perf_counter()
 
-    for _ in range(args.warmup):
-        sync(one_step())
-    with PeakRSS() as mem:
-        out["train_step"] = median_time(one_step, args.repeats, sync)
-    out["peak_rss_mb"] = mem.peak_mb
-    memory = compiled.memory_analysis()
-    if memory is not None:
-        out["xla_temp_mb"] = memory.temp_size_in_bytes / 2**20
+    def receive(self, timeout: float | None = None):
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.peer.name}: no answer within {timeout:.0f} s")
+        kind, value = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"{self.peer.name} failed:\n{value}")
+        return value
 
-    model = nnx.merge(graphdef, holder["state"].params)
-    fwd_graphdef, fwd_state = nnx.split(model)
-    forward = jax.jit(lambda s, x, t: nnx.merge(fwd_graphdef, s)(x, t))
-    t_B = jax.device_put(jnp.full((x.shape[0],), 500, jnp.int32), batch_sharding)
-    for _ in range(args.warmup):
-        sync(forward(fwd_state, x, t_B))
-    out["forward"] = median_time(lambda: forward(fwd_state, x, t_B), args.repeats, sync)
+    def close(self):
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join(5)
 
-    share = make_schedule("linear", args.sample_steps)  # same per-step work, fewer steps
 
-    def sample_share():
-        return diffusion.sample(model, share, key, x.shape[0], x.shape[1], batch_sharding=batch_sharding)
+# ----------------------------------------------------------------------------------------------------------
+# Statistics and reports.
 
-    sync(sample_share())
-    out["sample_1000"] = median_time(sample_share, max(3, args.repeats // 2), sync) * 1000 / args.sample_steps
-    if args.device == "gpu":
-        stats = jax.devices()[0].memory_stats() or {}
-        out["peak_device_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+
+def ratio_summary(jax_times, peer_times) -> dict:
+    """Per-round ratios JAX / peer (the two lists are paired by round): median, min and max."""
+    ratios = [j / p for j, p in zip(jax_times, peer_times)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+
+
+def comparisons(peers: list[Peer]):
+    """(JAX peer, other peer, label) pairs: JAX against every PyTorch peer of its precision; each forced depthwise
+    formulation against PyTorch eager and against JAX's default; and where both precisions ran, JAX bf16
+    against PyTorch eager fp32 as an extra, labelled, row."""
+    def first(**match):
+        return next((p for p in peers if all(getattr(p, k) == v for k, v in match.items())), None)
+
+    eager32, jax32 = first(framework="torch", precision="fp32", compiled=False), first(name="JAX")
+    out = []
+    for jax_peer in (p for p in peers if p.framework == "jax"):
+        others = ([p for p in (eager32, jax32) if p] if jax_peer.depthwise else
+                  [p for p in peers if p.framework == "torch" and p.precision == jax_peer.precision])
+        out += [(jax_peer, other, f"{jax_peer.name} / {other.name}") for other in others]
+    jax16 = first(framework="jax", precision="bf16")
+    if eager32 and jax16:
+        out.append((jax16, eager32, f"{jax16.name} / {eager32.name} fp32 (mixed precisions)"))
     return out
 
 
-def bar_chart(rows, path: Path, title: str):
-    """Horizontal bars of JAX time / PyTorch-eager time per workload (PIL only, no plotting dependency)."""
+def markdown(summary: dict) -> str:
+    cfg, m = summary["config"], summary["machine"]
+    lines = [f"`--config {cfg['name']}`: {cfg['model']} dim {cfg['dim']} mults {tuple(cfg['dim_mults'])}, "
+             f"{cfg['image_size']} px, batch {cfg['batch_size']}, on {machine_name(m)}; "
+             f"{summary['rounds']} alternating rounds", "",
+             "| workload | JAX / peer | ratio: median (min-max) | peer (s) | JAX (s) |", "|---|---|---|---|---|"]
+    for row in summary["ratios"]:
+        r = row["ratio"]
+        lines.append(f"| {WORKLOADS[row['workload']]} | {row['label']} | **{r['median']:.2f}** ({r['min']:.2f}-{r['max']:.2f}) "
+                     f"| {row['peer_seconds']:.4g} | {row['jax_seconds']:.4g} |")
+    for name, info in summary["peers"].items():
+        if "compile_seconds" in info:
+            lines.append(f"\n{name}: compile {info['compile_seconds']:.1f} s cold, {info['compile_seconds_cached']:.1f} s "
+                         f"from the persistent cache (tracing and lowering included)")
+        elif "first_step_seconds" in info and "compile" in name:
+            lines.append(f"\n{name}: first step (compile) {info['first_step_seconds']:.0f} s")
+    lines += [f"\n{note}" for note in summary["notes"]]
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: Path):
+    """Median JAX / peer ratio per row, with the min-max of the rounds as a whisker (PIL only)."""
     from PIL import Image, ImageDraw
 
-    width, bar_h, left = 720, 26, 230
-    height = 70 + bar_h * len(rows) * 1.4
-    img = Image.new("RGB", (width, int(height)), "white")
+    rows = summary["ratios"]
+    width, bar_h, left = 900, 22, 430
+    height = 75 + int(bar_h * 1.5 * len(rows))
+    img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 10), title, fill="black")
-    draw.text((10, 28), "time relative to PyTorch eager (shorter is faster; line = 1.0)", fill="gray")
-    scale = (width - left - 60) / max(1.0, max(r for _, r in rows))
-    for i, (label, ratio) in enumerate(rows):
-        y = 55 + i * bar_h * 1.4
-        draw.text((10, y + 6), label, fill="black")
-        color = (46, 125, 50) if ratio < 1 else (198, 40, 40)
-        draw.rectangle([left, y, left + ratio * scale, y + bar_h], fill=color)
-        draw.text((left + ratio * scale + 6, y + 6), f"{ratio:.2f}x", fill="black")
-    x1 = left + scale
-    draw.line([x1, 50, x1, height - 5], fill="black", width=1)
+    draw.text((10, 8), markdown(summary).split("\n")[0][:150].replace("`", ""), fill="black")
+    draw.text((10, 26), "time JAX / peer: median of alternating rounds, whisker min-max (shorter is faster; line = 1.0)",
+              fill="gray")
+    top = max(1.0, max(r["ratio"]["max"] for r in rows))
+    scale = (width - left - 70) / top
+    for i, row in enumerate(rows):
+        y = 52 + i * bar_h * 1.5
+        r = row["ratio"]
+        draw.text((10, y + 5), f"{WORKLOADS[row['workload']][:14]}: {row['label']}"[:70], fill="black")
+        draw.rectangle([left, y, left + r["median"] * scale, y + bar_h], fill=(46, 125, 50) if r["median"] < 1 else (198, 40, 40))
+        draw.line([left + r["min"] * scale, y + bar_h / 2, left + r["max"] * scale, y + bar_h / 2], fill="black", width=2)
+        draw.text((left + r["max"] * scale + 6, y + 5), f"{r['median']:.2f}x", fill="black")
+    draw.line([left + scale, 45, left + scale, height - 5], fill="black", width=1)
     img.save(path, optimize=True)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="JAX compute precision")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--sample-steps", type=int, default=20, help="sampling steps timed, scaled to 1000")
-    parser.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--png", help="write a bar chart here")
-    args = parser.parse_args(argv)
+# ----------------------------------------------------------------------------------------------------------
 
-    threads = os.cpu_count()
-    # Without it torch's OpenMP threads spin after each op and fight XLA's pool for the same cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
 
-    torch.set_num_threads(threads)
-    cache = tempfile.mkdtemp(prefix="ddpm_bench_xla_")
-    os.environ["DDPM_JAX_COMPILATION_CACHE"] = cache
-    import jax
-
-    from ddpm_jax.training import enable_compilation_cache, use_cpu_cores_as_devices
-
+def run(args) -> dict:
     cfg = CONFIGS[args.config]
-    if args.device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-        use_cpu_cores_as_devices(cfg["batch_size"])  # as train.py does: data parallel over the cores
-    enable_compilation_cache()
-    rng = np.random.default_rng(0)
-    shape = (cfg["batch_size"], cfg["image_size"], cfg["image_size"], 3)
-    x_np = rng.uniform(-1, 1, shape).astype(np.float32)
-    noise_np = rng.standard_normal(shape).astype(np.float32)
-    t_np = rng.integers(0, 1000, cfg["batch_size"])
-
-    results = {"torch_eager": bench_torch(cfg, args, x_np, t_np, noise_np, compiled=False)}
-    if args.torch_compile:
-        results["torch_compile"] = bench_torch(cfg, args, x_np, t_np, noise_np, compiled=True)
-    results["jax"] = bench_jax(cfg, args, x_np, noise_np, args.precision)
-    jx, te = results["jax"], results["torch_eager"]
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    peers = [p for prec in precisions for p in PEERS[prec] if args.torch_compile or not p.compiled]
+    peers += [Peer(f"JAX, depthwise {impl}", "jax", "fp32", depthwise=impl) for impl in args.jax_depthwise]
+    opts = {"device": args.device, "sample_steps": args.sample_steps, "warmup": args.warmup,
+            "turn_seconds": args.turn_seconds,
+            "compilation_cache": str(args.compilation_cache or tempfile.mkdtemp(prefix="ddpm_bench_xla_"))}
+    notes, infos, procs = [], {}, []
+    try:
+        # One at a time, so that no compile shares the CPU with another; with --parallel-setup all at once
+        # (a GPU machine's many cores compile side by side; the timed rounds start when all are ready).
+        started = [] if not args.parallel_setup else [PeerProcess(peer, cfg, opts) for peer in peers]
+        for i, peer in enumerate(peers):
+            proc = started[i] if args.parallel_setup else PeerProcess(peer, cfg, opts)
+            cap = args.compile_cap - (time.perf_counter() - proc.started) if peer.compiled else None
+            try:
+                infos[peer.name] = proc.receive(max(cap, 0.0) if cap is not None else None)
+                procs.append(proc)
+                print(f"  {peer.name}: ready in {time.perf_counter() - proc.started:.0f} s", file=sys.stderr)
+            except TimeoutError:
+                proc.close()
+                notes.append(f"{peer.name} skipped: its compile and warm-up took longer than --compile-cap "
+                             f"{args.compile_cap:.0f} s.")
+                print(f"  {notes[-1]}", file=sys.stderr)
+        times = {(p.peer.name, w): [] for p in procs for w in p.peer.workloads}
+        for r in range(args.rounds):
+            order = procs if r % 2 == 0 else procs[::-1]
+            for workload in WORKLOADS:
+                for proc in order:
+                    if workload in proc.peer.workloads:
+                        proc.conn.send(workload)
+                        times[(proc.peer.name, workload)].append(proc.receive())
+            print(f"  round {r + 1}/{args.rounds}", file=sys.stderr)
+        for proc in procs:
+            proc.conn.send(None)
+            infos[proc.peer.name].update(proc.receive(60))
+    finally:
+        for proc in procs:
+            proc.close()
+    ran = [p.peer for p in procs]
+    ratios = []
+    for workload in WORKLOADS:
+        for jax_peer, other, label in comparisons(ran):
+            if workload in jax_peer.workloads and workload in other.workloads:
+                j, o = times[(jax_peer.name, workload)], times[(other.name, workload)]
+                ratios.append({"workload": workload, "label": label, "jax_peer": jax_peer.name, "peer": other.name,
+                               "jax_seconds": statistics.median(j), "peer_seconds": statistics.median(o),
+                               "ratio": ratio_summary(j, o)})
+    machine = {"cpu": cpu_info(), "versions": versions(), "device": args.device,
+               "gpu": next((i["gpu"] for i in infos.values() if i.get("gpu")), None)}
     summary = {
-        "config": {**cfg, "dim_mults": list(cfg["dim_mults"]), "name": args.config, "precision": args.precision,
-                   "optimizer": "AdamW lr 1e-4 betas (0.9, 0.99) wd 0.01", "threads": threads,
-                   "device": args.device, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                   "jax_device": str(jax.devices()[0].device_kind), "jax_devices": jax.device_count(),
-                   "torch": torch.__version__, "jax": jax.__version__,
+        "config": {**cfg, "dim_mults": list(cfg["dim_mults"]), "name": args.config,
+                   "optimizer": "AdamW lr 1e-4 betas (0.9, 0.99) wd 0.01",
                    "sample_note": f"sampling timed over {args.sample_steps} steps, scaled to 1000"},
-        "train_step_ratio_jax_over_torch": jx["train_step"] / te["train_step"],
-        "forward_ratio_jax_over_torch": jx["forward"] / te["forward"],
-        "sample_ratio_jax_over_torch": jx["sample_1000"] / te["sample_1000"],
-        "compile_seconds": jx["compile_seconds"],
-        "compile_seconds_cached": jx["compile_seconds_cached"],
-        "peak_memory_mb": {side: r.get("peak_device_mb", r["peak_rss_mb"]) for side, r in results.items()},
-        "seconds": results,
+        "machine": machine, "rounds": args.rounds, "peers": infos, "ratios": ratios, "notes": notes,
+        "seconds_per_round": {f"{peer} | {w}": ts for (peer, w), ts in times.items()},
     }
-    if "torch_compile" in results:
-        tc = results["torch_compile"]
-        summary["train_step_ratio_jax_over_torch_compile"] = jx["train_step"] / tc["train_step"]
-        summary["forward_ratio_jax_over_torch_compile"] = jx["forward"] / tc["forward"]
-        summary["torch_compile_seconds"] = tc["first_step_seconds"]
     if args.device == "gpu":
-        kind = jax.devices()[0].device_kind
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-        if peak:
-            summary["mfu"] = jx["train_step_flops"] / jx["train_step"] / peak
+        for name, info in infos.items():
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in (machine["gpu"] or "")), None)
+            if peak and info.get("train_step_flops"):
+                info["mfu_bf16_peak"] = info["train_step_flops"] / statistics.median(times[(name, "train_step")]) / peak
+    return summary
 
-    lines = [f"config `{args.config}`: {cfg['model']} dim {cfg['dim']} mults {cfg['dim_mults']}, "
-             f"{cfg['image_size']} px, batch {cfg['batch_size']}, {threads} threads, {summary['config']['machine']}",
-             "", "| workload | PyTorch eager (s) | " + ("torch.compile (s) | " if args.torch_compile else "")
-             + f"JAX {args.precision} (s) | JAX / eager |", "|---|---|" + ("---|" if args.torch_compile else "") + "---|---|"]
-    for name, label in (("train_step", "train step"), ("forward", "forward"), ("sample_1000", "DDPM sampling, 1000 steps")):
-        tc_cell = f"{results['torch_compile'][name]:.3f} | " if args.torch_compile and name in results["torch_compile"] else ("- | " if args.torch_compile else "")
-        lines.append(f"| {label} | {te[name]:.3f} | {tc_cell}{jx[name]:.3f} | {jx[name] / te[name]:.2f} |")
-    lines += ["", f"JAX compile: {jx['compile_seconds']:.1f} s cold, {jx['compile_seconds_cached']:.1f} s from the "
-              f"persistent cache" + (f"; torch.compile first step {summary['torch_compile_seconds']:.0f} s" if args.torch_compile else "")]
-    print("\n".join(lines))
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32")
+    p.add_argument("--rounds", type=int, default=12, help="alternating rounds (one ratio each)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per workload before the rounds")
+    p.add_argument("--turn-seconds", type=float, default=0.3, help="a run repeats its workload to fill about this long")
+    p.add_argument("--sample-steps", type=int, default=20, help="sampling steps timed, scaled to 1000")
+    p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    p.add_argument("--jax-depthwise", type=lambda v: [i for i in v.split(",") if i], default=[],
+                   help="extra JAX fp32 peers, train step only, each forcing a depthwise formulation "
+                        "(comma-separated: shift,lax,swap,taps; see ddpm_jax/ops.py)")
+    p.add_argument("--parallel-setup", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every peer at once (default: on with --device gpu)")
+    p.add_argument("--compile-cap", type=float, default=900.0,
+                   help="seconds a torch.compile peer may take to compile and warm up before it is dropped")
+    p.add_argument("--compilation-cache", type=Path,
+                   help="JAX's persistent compilation cache for every JAX peer (default: a new, empty folder, so "
+                        "that the first compile of each program is cold; programs the peers share compile once)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--md", type=Path, help="write the markdown table here")
+    p.add_argument("--png", type=Path, help="write a bar chart of the ratios here")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.sample_steps < 1 or args.sample_steps > 1000:
+        p.error("--rounds must be >= 1 and --sample-steps in 1..1000")
+    from_ops = ("shift", "lax", "swap", "taps")  # ddpm_jax.ops.IMPLS, without importing JAX here
+    if unknown := [i for i in args.jax_depthwise if i not in from_ops]:
+        p.error(f"--jax-depthwise {','.join(unknown)}: expected names from {','.join(from_ops)}")
+    if args.parallel_setup is None:
+        args.parallel_setup = args.device == "gpu"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    summary = run(args)
+    table = markdown(summary)
+    print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.md:
+        args.md.write_text(table + "\n")
     if args.png:
-        rows = [("train step", summary["train_step_ratio_jax_over_torch"]),
-                ("forward", summary["forward_ratio_jax_over_torch"]),
-                ("DDPM sampling (1000 steps)", summary["sample_ratio_jax_over_torch"])]
-        bar_chart(rows, Path(args.png), f"JAX {args.precision} vs PyTorch eager - {lines[0].split(': ', 1)[1]}")
+        bar_chart(summary, args.png)
     return summary
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -5,8 +5,9 @@
 For every level of the bench config's U-Net, times a whole ConvNextBlock (dim -> dim, with its time
 embedding) and its parts: the 7x7 depthwise `in_conv`, the GroupNorm, the 3x3 convs (dim -> 2 dim and
 2 dim -> dim) and the GELU, forward and forward + backward (gradients of sum(y^2) with respect to the
-input and the parameters), median of --repeats runs after warm-up. Same thread count on both sides.
-The ratio JAX / PyTorch per part shows which layers still cost more in XLA than in PyTorch.
+input and the parameters), median of --repeats runs after warm-up; each framework with its default
+threading, one after the other in one process (so noisier than bench.py's alternating rounds). The ratio
+JAX / PyTorch per part shows which layers still cost more in XLA than in PyTorch.
 """
 
 import argparse
@@ -107,7 +108,6 @@ def main(argv=None):
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     threads = os.cpu_count()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.py: torch's idle threads must not spin
     import jax
     import torch
     from flax import nnx
