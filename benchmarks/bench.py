@@ -79,11 +79,15 @@ PEERS = {
 def cpu_info() -> dict:
     """CPU model, usable cores and the vector/matrix extensions that decide which kernels run (Linux)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or re.match("()", "")).group(1).split())
+
+    def field(name):  # the first processor's entry
+        m = re.search(rf"^{name}\s*:\s*(.*)$", text, re.M)
+        return m.group(1).strip() if m else ""
+
+    flags = set(field("flags").split())
     return {
-        "cpu_model": model.group(1).strip() if model else platform.processor() or platform.machine(),
-        "vendor": (re.search(r"^vendor_id\s*:\s*(.+)$", text, re.M) or re.match("()", "")).group(1).strip(),
+        "cpu_model": field("model name") or platform.processor() or platform.machine(),
+        "vendor": field("vendor_id"),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "avx512": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
@@ -253,6 +257,7 @@ def jax_train_setup(cfg, x_np, precision):
     devices. Returns (compile_step, state, x, key, batch_sharding, graphdef): compile_step() traces, lowers and
     compiles a fresh jit of the step and returns (executable, seconds)."""
     import jax
+    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -269,8 +274,15 @@ def jax_train_setup(cfg, x_np, precision):
     schedule = make_schedule("linear", 1000)
     mesh = training.data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    graphdef, _ = nnx.eval_shape(lambda: training.init_state(config, tx))
-    state = jax.jit(lambda: training.init_state(config, tx)[1], out_shardings=replicated)()  # as train.py: one program
+    graphdef, abstract = nnx.eval_shape(lambda: training.init_state(config, tx))
+    # Weights drawn with numpy at PyTorch's scale (U(+-1/sqrt(fan_in))): XLA:CPU takes 10-20 s to compile the
+    # model's own random initialisation, which a timing does not need. The optimizer state is initialised by JAX.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda a: (rng.uniform(-1, 1, a.shape) / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))).astype(a.dtype),
+        abstract.params)
+    state = jax.jit(lambda p: training.TrainState(jnp.zeros((), jnp.int32), p, jax.tree.map(jnp.copy, p), tx.init(p)),
+                    out_shardings=replicated)(params)
     x = jax.device_put(x_np, batch_sharding)
     key = jax.random.key(0)
 

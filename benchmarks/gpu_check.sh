@@ -18,7 +18,7 @@
 # parity.log, gpu_check.log and summary.md (what ran, how long, how it ended).
 #
 # --dry-run does the same on this machine's CPU at toy sizes (bench's tiny config in fp32 only, 1 round,
-# torch.compile cut by a 1 s cap, one depthwise formulation, the resume tests only collected, one parity
+# torch.compile cut by a 1 s cap, no forced depthwise formulation, the resume tests only collected, one parity
 # file), so that tests/test_gpu_check.py keeps the script working.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,11 +48,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export DDPM_JAX_COMPILATION_CACHE
 DDPM_JAX_COMPILATION_CACHE=$(mktemp -d /tmp/ddpm_gpu_check_xla.XXXXXX)
 if [ "$DRY" = 1 ]; then  # toy sizes, fp32 only; the resume tests are only collected (the suite runs them)
-  DEVICE=cpu; CONFIG=tiny; PRECISION=fp32; ROUNDS=1; CAP=1; DEPTHWISE=taps; SETUP=--no-parallel-setup
-  PARITY=(parity_tests/test_schedules.py); RESUME=(--collect-only)
+  DEVICE=cpu; CONFIG=tiny; PRECISION=fp32; ROUNDS=1; CAP=1; DEPTHWISE=; SETUP=--no-parallel-setup
+  PARITY=(parity_tests/test_schedules.py); RESUME=(--collect-only); TIMING=(--warmup 1 --turn-seconds 0 --sample-steps 2)
+  # profile_step.py traces XLA:CPU under this flag; set for bench.py too, its step is compiled once for both
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_enable_xprof_traceme=true"
 else
   DEVICE=gpu; CONFIG=article; PRECISION=both; ROUNDS=10; CAP=150; DEPTHWISE=shift,swap,taps; SETUP=--parallel-setup
-  PARITY=(parity_tests); RESUME=()
+  PARITY=(parity_tests); RESUME=(); TIMING=()
 fi
 
 { echo "# gpu_check.sh$([ "$DRY" = 1 ] && echo ' --dry-run (CPU, toy sizes)')"; echo
@@ -106,8 +108,8 @@ fi
 echo "| set-up | $((SECONDS - START)) | ok |" >>"$SUMMARY"
 
 # 2. The interleaved benchmark, every peer, both precisions, and the depthwise formulations.
-step "bench.py, fp32 and bf16, every peer" 300 \
-  "$PY" benchmarks/bench.py --config "$CONFIG" --device "$DEVICE" --precision "$PRECISION" --rounds "$ROUNDS" \
+step "bench.py, $PRECISION, every peer" 300 \
+  "$PY" benchmarks/bench.py --config "$CONFIG" --device "$DEVICE" --precision "$PRECISION" --rounds "$ROUNDS" "${TIMING[@]}" \
   --compile-cap "$CAP" "$SETUP" --jax-depthwise "$DEPTHWISE" --compilation-cache "$DDPM_JAX_COMPILATION_CACHE" \
   --json "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md" --png "$OUT/bench_gpu.png"
 
