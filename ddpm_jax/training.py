@@ -196,7 +196,7 @@ def use_cpu_cores_as_devices(batch_size: int) -> int | None:
 
     The trainer is data parallel over devices; on a CPU, two devices on two cores run two halves of the
     batch at once, where one device leaves part of the cores idle between and inside XLA's ops (measured
-    on 2 cores, TwoResUNet dim 32, batch 16: see README, Performance). It changes only the CPU backend. It
+    on 2 cores, TwoResUNet dim 32, batch 16: see docs/performance.md). It changes only the CPU backend. It
     does nothing if JAX_NUM_CPU_DEVICES or XLA_FLAGS already set the count, or if JAX has already started
     its backends (as when called from a program that ran JAX code before). Returns the count set, or None.
     """
@@ -357,7 +357,7 @@ class _StopFlag:
 
 
 def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool = False) -> TrainState:
-    """Train (or resume) in `workdir`; returns the final state. See README for the workdir layout.
+    """Train (or resume) in `workdir`; returns the final state. docs/training.md describes the workdir.
 
     strict: an unreadable file in an image folder is an error instead of being skipped with a warning.
     """
@@ -378,7 +378,8 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
     manager = checkpoint_manager(workdir, config)
     latest = manager.latest_step()
     if latest is None:
-        state = jax.jit(lambda: init_state(config, tx)[1], out_shardings=replicated)()
+        state = jax.jit(lambda: init_state(config, tx)[1], out_shardings=replicated,
+                        compiler_options=ops.run_once_compiler_options())()
     else:
         try:
             state = restore_checkpoint(manager, abstract, latest)

@@ -239,3 +239,18 @@ def test_training_options_take_dense_convolutions_off_ynnpack(monkeypatch, fresh
     monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
     ops.training_compiler_options.cache_clear()
     assert ops.training_compiler_options() == {}
+
+
+def test_run_once_options_keep_the_initialisation_up_to_float32_rounding():
+    """Initialisers compiled without LLVM's optimisations: the same weights up to float32 rounding (a few ulps)."""
+    def init():
+        rngs = nnx.Rngs(3)
+        layers = [nnx.Conv(16, 32, (3, 3), rngs=rngs), nnx.Linear(32, 64, rngs=rngs), nnx.Conv(4, 4, (7, 7), rngs=rngs)]
+        return [p for p in jax.tree.leaves(nnx.state(layers, nnx.Param)) if p.ndim > 1]  # the random ones
+
+    assert ops.run_once_compiler_options() == {"xla_backend_optimization_level": 0}  # on this CPU
+    quick = jax.jit(init, compiler_options=ops.run_once_compiler_options())()
+    optimised = jax.jit(init)()
+    for q, o in zip(quick, optimised, strict=True):
+        assert q.dtype == o.dtype == jnp.float32 and np.abs(np.asarray(o)).max() > 0
+        np.testing.assert_allclose(q, o, rtol=1e-6, atol=0)
