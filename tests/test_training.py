@@ -62,21 +62,28 @@ def _assert_same_state(a, b):
                            f"{differing[worst]:.3e}, in {worst}")
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """TINY trained in one go on one device, in this process: (workdir, final state). Tests copy the workdir."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    return workdir, training.train(TINY, workdir, progress=False)
+
+
+def test_resume_is_bit_exact(tiny_run, tmp_path):
     """Killed after the step-4 checkpoint and restarted, the run ends with the same params, EMA and optimizer
     state as in one go (the cosine learning-rate decay of the default preset included)."""
     assert TINY.lr_decay == "cosine"
-    whole = training.train(TINY, tmp_path / "whole", progress=False)
-    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    whole_dir, whole = tiny_run
+    shutil.copytree(whole_dir, tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "checkpoints" / "8")  # as if killed between the two checkpoints
     resumed = training.train(TINY, tmp_path / "split", progress=False)
     _assert_same_state(whole, resumed)
     assert int(whole.step) == 8
-    assert _max_diff(_weights(tmp_path / "whole" / "checkpoints" / "4"), _weights(tmp_path / "whole")) > 1e-5
-    metrics = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert _max_diff(_weights(whole_dir / "checkpoints" / "4"), _weights(whole_dir)) > 1e-5
+    metrics = [json.loads(line) for line in (whole_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6, 8]
     assert all(set(m) >= {"loss", "grad_norm", "lr", "steps_per_s", "images_per_s"} for m in metrics)
-    assert (tmp_path / "whole" / "samples" / "step_000008.png").is_file()
+    assert (whole_dir / "samples" / "step_000008.png").is_file()
 
 
 def test_a_finished_run_extended_with_more_steps_matches_one_run(tmp_path):
@@ -140,7 +147,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         (["--eta", "1.5"], "--eta 1.5: expected a number in [0, 1]"),
         (["--lr-decay", "step"], "argument --lr-decay: invalid choice: 'step'"),
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
-        (["--batch-size", "3"], "--batch-size 3: expected a multiple of the device count (2)"),
         (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
         (["--grad-clip", "-1"], "--grad-clip -1.0: expected a non-negative number"),
         (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
@@ -148,10 +154,19 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         (["--num-processes", "2", "--process-id", "1"], "--num-processes and --process-id need --coordinator"),
     ],
 )
-def test_bad_config_is_a_clear_error(tmp_path, flags, message):
-    result = _run([*TINY_FLAGS, "--workdir", str(tmp_path), *flags], env={"JAX_NUM_CPU_DEVICES": "2"})
+def test_bad_config_is_a_clear_error(tmp_path, capsys, flags, message):
+    try:  # in this process: each case stops before anything compiles
+        code = training.main([*TINY_FLAGS, "--workdir", str(tmp_path), *flags])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_batch_the_devices_cannot_split_is_a_clear_error(tmp_path):
+    result = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--batch-size", "3"], env={"JAX_NUM_CPU_DEVICES": "2"})
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "--batch-size 3: expected a multiple of the device count (2)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_help_explains_every_flag():
@@ -173,10 +188,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_devices_and_two_processes_match_one_device(tmp_path):
-    flags = [*TINY_FLAGS, "--steps", "6"]
-    single = _run([*flags, "--workdir", str(tmp_path / "one")], env={"JAX_NUM_CPU_DEVICES": "1"})
-    assert single.returncode == 0, single.stderr
+def test_two_devices_and_two_processes_match_one_device(tiny_run, tmp_path):
+    """train.py over two devices of one process, and over two processes, ends where TINY on one device does."""
+    flags = [*TINY_FLAGS, "--steps", "8"]  # = TINY
+    one_dir, _ = tiny_run
+    assert jax.device_count() == 1
     double = _run([*flags, "--workdir", str(tmp_path / "two")], env={"JAX_NUM_CPU_DEVICES": "2"})
     assert double.returncode == 0, double.stderr
     port = _free_port()
@@ -190,13 +206,13 @@ def test_two_devices_and_two_processes_match_one_device(tmp_path):
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
-    one = _weights(tmp_path / "one")
-    moved = _max_diff(one, _weights(tmp_path / "one" / "checkpoints" / "4"))
+    one = _weights(one_dir)
+    moved = _max_diff(one, _weights(one_dir / "checkpoints" / "4"))
     assert moved > 1e-5
     assert _max_diff(one, _weights(tmp_path / "two")) < 1e-5
     assert _max_diff(one, _weights(tmp_path / "procs")) < 1e-5
     # The final sample grid, drawn split over the devices in the 2-device run: the same images (up to rounding).
-    grids = [np.asarray(Image.open(tmp_path / run / "samples" / "step_000006.png"), np.int16) for run in ("one", "two")]
+    grids = [np.asarray(Image.open(run / "samples" / "step_000008.png"), np.int16) for run in (one_dir, tmp_path / "two")]
     assert np.abs(grids[0] - grids[1]).max() <= 1
 
 
