@@ -102,9 +102,9 @@ class TrainConfig:
 SHAPE_FIELDS = ("model", "image_size", "dim", "dim_mults")
 
 PRESETS = {
-    # About 15 minutes on a 2-core CPU (see README for what it reaches). A run this short needs the
+    # About 15 minutes on a 2-core CPU (docs/training.md says what it reaches). A run this short needs the
     # higher learning rate (with warm-up, clipping and a cosine decay) and an EMA updated every step; its
-    # samples are best with DDIM at eta 1 (README, "What the default run reaches").
+    # samples are best with DDIM at eta 1 (docs/training.md, "What the default run reaches").
     "default": TrainConfig(),
     # The article's run: TwoResUNet dim 64 at 128 px, batch 16, T = 1000 linear, AdamW 1e-4 without warm-up,
     # decay or clipping, EMA every 10 steps, 37k steps, DDPM samples.

@@ -1,7 +1,7 @@
 """The reference: the article's PyTorch DDPM, faithful, device-agnostic.
 
 Module attribute names follow the article so that ``state_dict`` keys match checkpoints trained with
-the article's code. Deliberate fixes of the article's defects are listed in README's "Deviations".
+the article's code. Deliberate fixes of the article's defects are listed in docs/parity.md, "Deviations from the article".
 """
 
 from ddpm_torch.blocks import BlockAttention, ConvNextBlock, DownSample, SinusoidalPosEmb, Upsample
