@@ -26,7 +26,7 @@ class ModelConfig:
 
     variant: str = "TwoResUNet"  # OneResUNet | TwoResUNet | AttentionUNet
     dim: int = 64  # channels of the first level; the time embedding has 4 * dim
-    init_dim: int | None = None  # channels after the stem conv (None: dim)
+    init_dim: int | None = None  # channels after the stem conv: None or dim (the U-Nets need dim)
     out_dim: int | None = None  # output channels (None: channels)
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)  # channels of level i are dim * dim_mults[i]
     channels: int = 3  # image channels
@@ -35,6 +35,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown model {self.variant!r}; expected one of {list(VARIANTS)}")
+        if self.init_dim not in (None, self.dim):  # as in the article's code, whose forward fails the same way
+            raise ValueError(
+                f"init_dim {self.init_dim} with dim {self.dim}: expected init_dim = dim (or None). The U-Nets join "
+                f"the stem's output to the last level's, and final_res_block takes 2 * dim channels."
+            )
         object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
 
     @classmethod
@@ -98,8 +103,11 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
-# Fields that change the shape of the model or of what it learns to generate: a resumed run must keep them.
+# A resumed run must keep the fields that shape the model and those that define the noise it learns to remove.
 SHAPE_FIELDS = ("model", "image_size", "dim", "dim_mults")
+OBJECTIVE_FIELDS = ("schedule", "timesteps")
+# Resuming with another value of these is allowed, with a warning: the run is no longer the one it began as.
+RECIPE_FIELDS = ("loss", "batch_size", "seed")
 
 PRESETS = {
     # About 15 minutes on a 2-core CPU (docs/training.md says what it reaches). A run this short needs the
