@@ -267,7 +267,7 @@ def embedded_dataset(num_images: int = 2048, image_size: int = 32, seed: int = 0
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_DIR_NAME = ".ddpm_cache"
-_CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused
 _LISTED_BAD = 5  # bad files named in the summary warning
 
 
@@ -296,10 +296,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB. Alpha is composited on black (transparent -> black)."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        # 16-bit (and 32-bit integer/float images holding 16-bit values) scale 65535 -> 255; "I" or
-        # "F" images whose values all fit in 8 bits are taken as 8-bit.
+        # 16-bit (and 32-bit integer/float images holding 16-bit values) scale 65535 -> 255; float images
+        # within [0, 1] scale 1 -> 255; other "I" or "F" images whose values all fit in 8 bits are taken as 8-bit.
         if im.mode.startswith("I;16") or a.max(initial=0) > 255:
             a = a / 257.0
+        elif im.mode == "F" and a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
+            a = a * 255.0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

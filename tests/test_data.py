@@ -112,9 +112,12 @@ def test_modes_are_converted_to_rgb(tmp_path, no_user_cache):
     ptrans = Image.new("P", (8, 8), 0)
     ptrans.putpalette([0, 0, 255, 9, 9, 9] + [0] * 762)
     save(d / "h_palette_transparent.png", ptrans, transparency=0)  # transparent blue -> black
+    unit = np.full((8, 8), 0.5, np.float32)
+    unit[:, 4:] = 1.0
+    save(d / "i_float_unit.tif", Image.fromarray(unit, "F"))  # 32-bit float in [0, 1]
 
     out = load_image_folder(d, 8).astype(int)
-    assert out.shape == (8, 8, 8, 3) and out.dtype == np.int64  # (astype above)
+    assert out.shape == (9, 8, 8, 3) and out.dtype == np.int64  # (astype above)
     assert (out[0] == 100).all()
     np.testing.assert_allclose(out[1], np.broadcast_to([100, 50, 25], (8, 8, 3)), atol=1)
     assert (out[2] == [10, 200, 30]).all()
@@ -123,6 +126,7 @@ def test_modes_are_converted_to_rgb(tmp_path, no_user_cache):
     assert (out[5] == 80).all()
     assert (out[6] == 255).all()
     assert (out[7] == 0).all()
+    assert (out[8][:, :4] == 128).all() and (out[8][:, 4:] == 255).all()
 
 
 def test_exif_orientation_is_applied(tmp_path, no_user_cache):
