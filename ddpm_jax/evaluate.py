@@ -22,8 +22,11 @@ import json
 import os
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
+
+from ddpm_jax import cli
 
 NHOOD_SIZE = 7  # ProGAN's descriptor: a 7x7 neighbourhood of 3 channels.
 
@@ -243,14 +246,20 @@ def colour_distance(real: np.ndarray, fake: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-def to_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
+FLOAT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
+_UNDERSHOOT = 0.05  # of the range's width: float values this far outside it are clipped, further is an error
+
+
+def to_uint8(images: np.ndarray, name: str = "images", float_range: str = "0,1") -> np.ndarray:
     """(N,H,W,3) or (N,3,H,W) array -> uint8 (N,H,W,3).
 
     Layout: NHWC if the last axis has 3 entries, else NCHW if axis 1 has 3 entries.
-    Values: integer dtypes must lie in [0, 255] and are kept. Floats with min < 0 are read as
-    [-1, 1] and mapped by round((x + 1) * 127.5); other floats are read as [0, 1] and mapped by
-    round(x * 255). Floats outside [-1, 1] are an error rather than a guess.
+    Values: integer dtypes must lie in [0, 255] and are kept. Floats are read in `float_range` ("0,1" or "-1,1")
+    and mapped linearly to 0..255. A sampler's small overshoot (up to 5% of the range's width) is clipped;
+    values further out are an error that names the other range, never a guess.
     """
+    if float_range not in FLOAT_RANGES:
+        raise ValueError(f"float range {float_range!r}: expected one of {list(FLOAT_RANGES)}")
     x = np.asarray(images)
     if x.ndim != 4 or 3 not in (x.shape[-1], x.shape[1]):
         raise ValueError(f"{name}: expected shape (N,H,W,3) or (N,3,H,W), got {x.shape}")
@@ -269,14 +278,18 @@ def to_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
         raise ValueError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name}: contains nan or inf")
+    bottom, top = FLOAT_RANGES[float_range]
+    slack = _UNDERSHOOT * (top - bottom)
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1.0 or hi > 1.0:
-        raise ValueError(f"{name}: float values must lie in [0, 1] or [-1, 1], got [{lo:.4g}, {hi:.4g}]")
-    scaled = (x.astype(np.float64) + 1.0) * 127.5 if lo < 0 else x.astype(np.float64) * 255.0
+    if lo < bottom - slack or hi > top + slack:
+        other = next(r for r in FLOAT_RANGES if r != float_range)
+        raise ValueError(f"{name}: float values span [{lo:.4g}, {hi:.4g}], outside [{float_range}] by more than "
+                         f"{_UNDERSHOOT:.0%} of it; if they are in [{other}], say so (--float-range={other})")
+    scaled = (x.astype(np.float64) - bottom) * (255.0 / (top - bottom))
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def _load_npz(path: str) -> np.ndarray:
+def _load_npz(path: str, float_range: str) -> np.ndarray:
     # np.load reads anything that is neither a zip (.npz) nor a .npy as a pickle, and with
     # allow_pickle=False blames "pickled (object) data" even for a text file.
     with open(path, "rb") as f:
@@ -295,18 +308,18 @@ def _load_npz(path: str) -> np.ndarray:
                 array = loaded[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: cannot read as .npz of images ({e})") from e
-    return to_uint8(array, name=f"{path}[{key!r}]")
+    return to_uint8(array, name=f"{path}[{key!r}]", float_range=float_range)
 
 
 def load_images(
-    spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0
+    spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0, float_range: str = "0,1"
 ) -> np.ndarray:
     """Images named by `spec` as uint8 (N, S, S, 3).
 
-    spec: an image folder (ddpm_jax.data.load_image_folder, resized to `image_size`, which it
-    then requires), a .npz file
-    (the array under key "images", else the first array; converted by `to_uint8`; its size must
-    equal `image_size` when given), or "embedded" (ddpm_jax.data.embedded_dataset with
+    spec: an image folder (ddpm_jax.data.load_image_folder, resized to `image_size`; None: the size its
+    images share, an error if they differ), a .npz file
+    (the array under key "images", else the first array; converted by `to_uint8` with `float_range`; its size
+    must equal `image_size` when given), or "embedded" (ddpm_jax.data.embedded_dataset with
     `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px).
     num: keep at most the first `num` images (folders and .npz).
     """
@@ -325,11 +338,9 @@ def load_images(
     if os.path.isdir(spec):
         from ddpm_jax.data import load_image_folder
 
-        if image_size is None:
-            raise ValueError(f"{spec}: an image folder needs an image size to resize to (--image-size)")
-        images = load_image_folder(spec, image_size)
+        images = load_image_folder(spec, _common_size(spec) if image_size is None else image_size)
     elif spec.endswith(".npz"):
-        images = _load_npz(spec)
+        images = _load_npz(spec, float_range)
         if image_size is not None and images.shape[1:3] != (image_size, image_size):
             raise ValueError(
                 f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected {image_size}x{image_size} "
@@ -338,6 +349,26 @@ def load_images(
     else:
         raise ValueError(f"{spec}: expected an image folder, a .npz file or 'embedded'")
     return images[:num] if num is not None else images
+
+
+def _common_size(folder: str) -> int:
+    """The side of the square images of `folder` when they all have one size (read from the headers)."""
+    from PIL import Image
+
+    from ddpm_jax.data import _list_images
+
+    sizes = set()
+    for path in _list_images(Path(folder))[0]:
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except OSError:
+            continue  # load_image_folder reports unreadable files
+    if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:
+        return next(iter(sizes))[0]
+    seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) or "none readable"
+    raise ValueError(f"{folder}: its images are not all one square size ({seen}); "
+                     f"pass --image-size to resize them to one")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -351,15 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
         "swd (mean over levels), levels (per resolution), colour_w1 (pixel-value Wasserstein-1 in levels of "
         "0-255, mean over R, G, B), mean_shift (fake minus real mean, per channel), num_real, num_fake, image_size.",
     )
-    src = "an image folder, a .npz file (key 'images' or its first array; uint8, or float in [0,1] or [-1,1]; "
+    src = "an image folder, a .npz file (key 'images' or its first array; uint8, or float in --float-range; "
     src += "NHWC or NCHW), or 'embedded' (the built-in dataset)"
     parser.add_argument("--real", required=True, help=f"reference images: {src}")
     parser.add_argument("--fake", required=True, help=f"generated images: {src}")
     parser.add_argument(
         "--image-size", type=int, default=None,
         help="image side in px; folders are resized to it, .npz files must match it; "
-        "default: the size of the .npz set, else 32 for 'embedded' (required for two folders)",
+        "default: the size of the .npz set, else 32 for 'embedded', else the size a folder's images share",
     )
+    parser.add_argument("--float-range", choices=list(FLOAT_RANGES), default="0,1",
+                        help="value range of float images in .npz files (default 0,1; write --float-range=-1,1)")
     parser.add_argument("--seed", type=int, default=0, help="seed for descriptor positions and projections (default 0)")
     parser.add_argument(
         "--num", type=int, default=None,
@@ -378,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli.one_line_warnings()
     args = build_parser().parse_args(argv)
     try:
         if args.image_size is not None and args.image_size < 1:
@@ -391,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(specs, key=lambda k: kind(specs[k][0])):
             spec, embedded_seed = specs[name]
             size = args.image_size if kind(spec) == 0 else image_size
-            images[name] = load_images(spec, size, num=args.num, embedded_seed=embedded_seed)
+            images[name] = load_images(spec, size, num=args.num, embedded_seed=embedded_seed,
+                                       float_range=args.float_range)
             if image_size is None:
                 image_size = images[name].shape[1]
         real, fake = images["real"], images["fake"]

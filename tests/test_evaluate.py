@@ -232,10 +232,18 @@ def test_to_uint8_conversions():
     u8 = make_images(3, seed=2)
     f01 = u8.astype(np.float32) / 255
     np.testing.assert_array_equal(ev.to_uint8(f01), u8)
-    np.testing.assert_array_equal(ev.to_uint8(f01 * 2 - 1), u8)
+    np.testing.assert_array_equal(ev.to_uint8(f01 * 2 - 1, float_range="-1,1"), u8)
     np.testing.assert_array_equal(ev.to_uint8(u8.transpose(0, 3, 1, 2)), u8)
     np.testing.assert_array_equal(ev.to_uint8(u8.astype(np.int64)), u8)
-    with pytest.raises(ValueError, match=r"\[0, 1\] or \[-1, 1\]"):
+    # A [0, 1] sample set that undershoots 0 a little is clipped, not read as [-1, 1].
+    undershoot = f01.copy()
+    undershoot[0, 0, 0] = -0.02
+    expected = u8.copy()
+    expected[0, 0, 0] = 0
+    np.testing.assert_array_equal(ev.to_uint8(undershoot), expected)
+    with pytest.raises(ValueError, match=r"span \[-[.0-9]+, [.0-9]+\], outside \[0,1\] .*--float-range=-1,1"):
+        ev.to_uint8(f01 * 2 - 1)
+    with pytest.raises(ValueError, match=r"span \[[0-9.]+, [0-9.]+\], outside \[0,1\]"):
         ev.to_uint8(u8.astype(np.float32))
     with pytest.raises(ValueError, match="expected shape"):
         ev.to_uint8(np.zeros((4, 32, 32), np.uint8))
@@ -244,9 +252,11 @@ def test_to_uint8_conversions():
 def test_load_images_npz(tmp_path):
     u8 = make_images(5, seed=2)
     np.savez(tmp_path / "a.npz", other=np.zeros(3), images=u8.transpose(0, 3, 1, 2) / 127.5 - 1)
-    np.testing.assert_array_equal(ev.load_images(str(tmp_path / "a.npz"), 32, num=4), u8[:4])
+    np.testing.assert_array_equal(ev.load_images(str(tmp_path / "a.npz"), 32, num=4, float_range="-1,1"), u8[:4])
+    with pytest.raises(ValueError, match="--float-range=-1,1"):
+        ev.load_images(str(tmp_path / "a.npz"), 32)
     with pytest.raises(ValueError, match="expected 16x16"):
-        ev.load_images(str(tmp_path / "a.npz"), 16)
+        ev.load_images(str(tmp_path / "a.npz"), 16, float_range="-1,1")
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         ev.load_images(str(tmp_path / "nope.npz"), None)
 
@@ -330,8 +340,12 @@ def test_cli_folder_follows_npz_size(tmp_path, capsys, real):
     assert ev.main(["--real", str(tmp_path / "real.npz"), "--fake", str(folder)]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (16, 6, 32)
+    # Two folders: the size their images share (48 px here); images of several sizes need --image-size.
+    assert ev.main(["--real", str(folder), "--fake", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 48
+    Image.fromarray(make_images(1, size=40, seed=9)[0]).save(folder / "other.png")
     assert ev.main(["--real", str(folder), "--fake", str(folder)]) == 2
-    assert "--image-size" in capsys.readouterr().err
+    assert "not all one square size (40x40, 48x48); pass --image-size" in capsys.readouterr().err
 
 
 def test_cli_folder_with_embedded_defaults_to_32(tmp_path, capsys):
