@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ddpm_jax import cli
 from ddpm_jax.config import ModelConfig, read_json
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.unets import UNETS
@@ -246,7 +247,13 @@ def _latest_step_dir(checkpoints: Path) -> Path | None:
 
 
 def load_model(path, *, ema: bool = True, dtype=None) -> nnx.Module:
-    """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, from any supported checkpoint.
+    """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, from any supported checkpoint (see
+    `load_model_and_config`)."""
+    return load_model_and_config(path, ema=ema, dtype=dtype)[0]
+
+
+def load_model_and_config(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, ModelConfig]:
+    """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, and the config it was built from.
 
     `path` is one of: a torch file (.pt/.pth) holding a U-Net state_dict, a DiffusionModel state_dict,
     or the article trainer's checkpoint; a model directory written by `convert to-flax`/`save_model`;
@@ -259,11 +266,11 @@ def load_model(path, *, ema: bool = True, dtype=None) -> nnx.Module:
     path = Path(path)
     if not path.is_dir():
         state = unet_state_from_checkpoint(read_torch_file(path), ema=ema, source=str(path))
-        model = build_model(infer_config(state, str(path)), dtype=dtype)
-        return load_torch_state(model, state, str(path))
+        config = infer_config(state, str(path))  # a torch file cannot hold the time embedding's theta
+        return load_torch_state(build_model(config, dtype=dtype), state, str(path)), config
     if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():
-        model = build_model(read_model_config(path), dtype=dtype)
-        return restore_params(model, path / PARAMS_DIR, str(path))
+        config = read_model_config(path)
+        return restore_params(build_model(config, dtype=dtype), path / PARAMS_DIR, str(path)), config
     step_dir = path if path.name.isdigit() and (path / "params").is_dir() else _latest_step_dir(path / "checkpoints")
     workdir = path.parent.parent if step_dir == path else path
     if step_dir is None or not (workdir / "config.json").is_file():
@@ -276,15 +283,11 @@ def load_model(path, *, ema: bool = True, dtype=None) -> nnx.Module:
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{workdir / 'config.json'}: not a valid training config ({e})") from None
     model = build_model(config.model_config, dtype=dtype)
-    return restore_params(model, step_dir / ("ema" if ema else "params"), str(step_dir))
-
-
-def config_of(model: nnx.Module) -> ModelConfig:
-    """The ModelConfig that rebuilds `model`, read off its weights."""
-    return infer_config(to_torch_state(model), type(model).__name__)
+    return restore_params(model, step_dir / ("ema" if ema else "params"), str(step_dir)), config.model_config
 
 
 def main(argv=None) -> int:
+    cli.one_line_warnings()
     parser = argparse.ArgumentParser(
         prog="python -m ddpm_jax.convert",
         description="Convert U-Net weights between the article's PyTorch checkpoints and this project's Flax models.",
@@ -310,8 +313,7 @@ def main(argv=None) -> int:
             raise ConversionError(f"{out}: is a file; expected a directory for {MODEL_JSON} and {PARAMS_DIR}/")
         if args.command == "to-torch" and out.is_dir():
             raise ConversionError(f"{out}: is a directory; expected a file path to write, e.g. {out / 'model.pt'}")
-        model = load_model(args.input, ema=args.ema)
-        config = config_of(model)
+        model, config = load_model_and_config(args.input, ema=args.ema)
         if args.command == "to-flax":
             out = save_model(model, config, out)
         else:
@@ -324,7 +326,10 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)})")
+    theta = config.sinusoidal_pos_emb_theta
+    note = f"; build the reference with sinusoidal_pos_emb_theta={theta}" if args.command == "to-torch" and theta != (
+        ModelConfig.sinusoidal_pos_emb_theta) else ""
+    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}{note})")
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 
 import ddpm_torch
 from ddpm_jax import load_model
-from ddpm_jax.convert import ConversionError, config_of, main, to_torch_state
+from ddpm_jax.convert import ConversionError, load_model_and_config, main, to_torch_state
 from ddpm_torch import DiffusionModel
 from parity_tests.conftest import check, nchw, nhwc
 
@@ -49,8 +49,7 @@ def _trainer_checkpoint(variant, kwargs):
 def test_plain_state_dict_round_trip_and_inference(tmp_path, variant, kwargs):
     unet = _unet(variant, **kwargs)
     torch.save(unet.state_dict(), tmp_path / "unet.pt")
-    model = load_model(tmp_path / "unet.pt")
-    config = config_of(model)
+    model, config = load_model_and_config(tmp_path / "unet.pt")
     assert type(model).__name__ == variant
     for name, value in kwargs.items():
         assert getattr(config, name) == (tuple(value) if name == "dim_mults" else value), name
@@ -203,3 +202,18 @@ def test_module_run_has_no_runpy_warning_and_public_names_import():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_to_flax_of_a_model_directory_keeps_its_time_embedding_theta(tmp_path, capsys):
+    """theta cannot be read off the weights: it comes from the model directory's config, and to-torch says so."""
+    from ddpm_jax.config import ModelConfig
+    from flax import nnx
+
+    from ddpm_jax.convert import build_model, read_model_config, save_model
+
+    config = ModelConfig(variant="OneResUNet", dim=8, dim_mults=(1, 2), sinusoidal_pos_emb_theta=500)
+    save_model(build_model(config, rngs=nnx.Rngs(0)), config, tmp_path / "theta500")
+    assert main(["to-flax", str(tmp_path / "theta500"), str(tmp_path / "copy")]) == 0
+    assert read_model_config(tmp_path / "copy") == config
+    assert main(["to-torch", str(tmp_path / "copy"), str(tmp_path / "unet.pt")]) == 0
+    assert "build the reference with sinusoidal_pos_emb_theta=500" in capsys.readouterr().out
