@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import cli, diffusion
 from ddpm_jax.config import TrainConfig, read_json
 from ddpm_jax.convert import ConversionError, load_model
 from ddpm_jax.schedules import SCHEDULES
@@ -50,6 +50,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    cli.one_line_warnings()
     from PIL import Image
 
     from ddpm_jax.training import (check_image_size, check_schedule, enable_compilation_cache,

@@ -1,6 +1,10 @@
-"""The console entry points: each is the `main` of its module, as `python train.py` and `python -m` run it."""
+"""The command lines: console entry points (each the `main` of its module, as `python train.py` and `python -m`
+run it) and what they share."""
 
+import warnings
 from importlib.metadata import entry_points
+
+import pytest
 
 from ddpm_jax import convert, evaluate, sample, training
 
@@ -12,3 +16,16 @@ def test_every_cli_has_a_console_entry_point():
     assert set(scripts) == set(expected)
     for name, main in expected.items():
         assert scripts[name].load() is main, name
+
+
+def test_every_cli_prints_warnings_as_one_line(monkeypatch):
+    """Python's format adds the file, line and source line under each message; a CLI prints the message."""
+    message = "3 of 40 images were smaller than --image-size 64 and were upscaled"
+    for main in (training.main, sample.main, convert.main, evaluate.main):
+        monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # Python's; restored afterwards
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert warnings.formatwarning(message, UserWarning, "data.py", 412, "    warnings.warn(...)") == (
+            f"warning: {message}\n"), main.__module__
+        assert warnings.formatwarning("old flag", DeprecationWarning, "x.py", 1) == (
+            "warning: DeprecationWarning: old flag\n")
