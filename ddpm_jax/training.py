@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,8 +27,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import data, diffusion, ops
-from ddpm_jax.config import LR_DECAYS, PRESETS, SHAPE_FIELDS, VARIANTS, TrainConfig, read_json
+from ddpm_jax import cli, data, diffusion, ops
+from ddpm_jax.config import (LR_DECAYS, OBJECTIVE_FIELDS, PRESETS, RECIPE_FIELDS, SHAPE_FIELDS, VARIANTS, TrainConfig,
+                             read_json)
 from ddpm_jax.convert import build_model
 from ddpm_jax.ops import largest_divisor_at_most
 from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
@@ -35,6 +38,7 @@ CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
+LOCK = ".lock"  # "pid host" of the process training in the workdir
 
 
 class TrainingError(RuntimeError):
@@ -77,11 +81,13 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def ema_decay(config: TrainConfig, step):
     """ema_pytorch's schedule as the article's trainer uses it: at step s (0-based, counted before the
-    update) every `ema_every` steps, copy while s <= ema_start, then decay min(beta, 1 - (1 + e)^(-2/3))
-    with e = s - ema_start. Returns 0 (copy) on copy steps and 1 (keep) off update steps."""
+    update) every `ema_every` steps, copy while s <= ema_start and on the first update after it (ema_pytorch's
+    `initted` flag is first set there, and it copies before it averages), then decay
+    min(beta, 1 - (1 + e)^(-2/3)) with e = s - ema_start. Returns 0 (copy) on copy steps and 1 (keep) off
+    update steps."""
     epoch = jnp.maximum(step - config.ema_start, 0).astype(jnp.float32)
     decay = jnp.clip(1.0 - (1.0 + epoch) ** (-2.0 / 3.0), 0.0, config.ema_decay)
-    decay = jnp.where(step <= config.ema_start, 0.0, decay)
+    decay = jnp.where(step - config.ema_every <= config.ema_start, 0.0, decay)
     return jnp.where(step % config.ema_every == 0, decay, 1.0)
 
 
@@ -296,14 +302,20 @@ def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None
     path = workdir / CONFIG_JSON
     if path.is_file():
         saved = TrainConfig.from_dict(read_json(path), str(path))
-        changed = [f"--{f.replace('_', '-')} {getattr(saved, f)} -> {getattr(config, f)}"
-                   for f in SHAPE_FIELDS if getattr(saved, f) != getattr(config, f)]
+
+        def changed(fields):
+            return [f"--{f.replace('_', '-')} {getattr(saved, f)} -> {getattr(config, f)}"
+                    for f in fields if getattr(saved, f) != getattr(config, f)]
+
         saved_steps = [int(p.name) for p in (workdir / CHECKPOINTS).glob("[0-9]*") if p.name.isdigit()]
-        if changed and saved_steps:
+        if saved_steps and (different := changed(SHAPE_FIELDS + OBJECTIVE_FIELDS)):
             raise TrainingError(
-                f"{workdir} holds checkpoints of a different model ({'; '.join(changed)}). "
+                f"{workdir} holds checkpoints of a different model or noise schedule ({'; '.join(different)}). "
                 f"Use a new --workdir, or the saved values."
             )
+        if saved_steps and (different := changed(RECIPE_FIELDS)):
+            warnings.warn(f"resuming {workdir} with {'; '.join(different)}: from here on the run differs from the "
+                          f"one its checkpoints began", UserWarning, stacklevel=2)
         if saved_steps and config.steps < max(saved_steps):
             raise TrainingError(
                 f"--steps {config.steps}: {workdir} already holds a checkpoint of step {max(saved_steps)}. "
@@ -312,6 +324,66 @@ def prepare_workdir(workdir: Path, config: TrainConfig, is_writer: bool) -> None
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(config.to_json())
+
+
+def lock_workdir(workdir: Path) -> Path:
+    """Claim `workdir` for this process with a lock file holding "pid host"; returns its path. The lock of a
+    process that no longer runs on this host is stale and taken over; a live one is a TrainingError naming it."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir}: is a file; expected a folder (a new one, or a run's to resume)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path, me = workdir / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    mine = workdir / f"{LOCK}.{os.getpid()}"
+    mine.write_text(me)
+    try:
+        while True:
+            try:
+                os.link(mine, path)  # atomic: fails if another process holds the lock
+                return path
+            except FileExistsError:
+                holder = path.read_text() if path.exists() else ""
+                if holder.split() == me.split():
+                    return path
+                if _holder_runs(holder):
+                    pid, host = holder.split()
+                    raise TrainingError(
+                        f"{workdir} is in use by another run: process {pid} on {host}"
+                        f"{_command_of(int(pid), host)}. Wait for it to end, stop it, or use another --workdir. "
+                        f"If that process is not training here, delete {path}."
+                    ) from None
+                path.unlink(missing_ok=True)  # stale: its process has ended
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def unlock_workdir(path: Path) -> None:
+    if path.is_file() and path.read_text().split() == [str(os.getpid()), socket.gethostname()]:
+        path.unlink()
+
+
+def _holder_runs(holder: str) -> bool:
+    try:
+        pid, host = holder.split()
+        pid = int(pid)
+    except ValueError:
+        return False  # not a lock this trainer wrote
+    if host != socket.gethostname():
+        return True  # a process on another host cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command_of(pid: int, host: str) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" ({command[:200]})" if command and host == socket.gethostname() else ""
 
 
 def load_images(config: TrainConfig, strict: bool = False) -> np.ndarray:
@@ -362,8 +434,16 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
     strict: an unreadable file in an image folder is an error instead of being skipped with a warning.
     """
     workdir = Path(workdir).absolute()
-    num_devices = jax.device_count()
-    check_config(config, num_devices)
+    check_config(config, jax.device_count())
+    lock = lock_workdir(workdir) if jax.process_index() == 0 else None  # one run per workdir
+    try:
+        return _train(config, workdir, progress, strict)
+    finally:
+        if lock:
+            unlock_workdir(lock)
+
+
+def _train(config: TrainConfig, workdir: Path, progress: bool, strict: bool) -> TrainState:
     is_writer = jax.process_index() == 0
     prepare_workdir(workdir, config, is_writer)
 
@@ -498,7 +578,8 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
                                           f"{workdir / CHECKPOINTS}. Run the same command to resume.", signum)
             if int(state.step) > start or latest is None:
                 checkpoint(state)
-                sample_grid(state)
+                if int(state.step) % config.sample_every:  # else the loop has just drawn it
+                    sample_grid(state)
     finally:
         if bar is not None:
             bar.close()
@@ -587,6 +668,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    cli.one_line_warnings()
     args, config, workdir = parse_args(argv)
     try:
         enable_compilation_cache()

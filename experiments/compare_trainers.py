@@ -62,7 +62,7 @@ def torch_ema_decay(config, step: int) -> float:
     """ema_pytorch's schedule as the article's trainer uses it (1.0 = keep, 0.0 = copy)."""
     if step % config.ema_every:
         return 1.0
-    if step <= config.ema_start:
+    if step - config.ema_every <= config.ema_start:  # copies, and the first update after ema_start copies too
         return 0.0
     return min(config.ema_decay, 1.0 - (1.0 + step - config.ema_start) ** (-2.0 / 3.0))
 

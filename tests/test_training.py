@@ -84,14 +84,22 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     assert [m["step"] for m in metrics] == [2, 4, 6, 8]
     assert all(set(m) >= {"loss", "grad_norm", "lr", "steps_per_s", "images_per_s"} for m in metrics)
     assert (whole_dir / "samples" / "step_000008.png").is_file()
+    assert not (whole_dir / ".lock").exists()  # released at the end
 
 
-def test_a_finished_run_extended_with_more_steps_matches_one_run(tmp_path):
-    """With a constant learning rate, 4 steps and then --steps 8 on the same workdir equals 8 in one go."""
-    config = dataclasses.replace(TINY, lr_decay="constant")
+def test_a_finished_run_extended_with_more_steps_matches_one_run(tmp_path, monkeypatch):
+    """With a constant learning rate, 4 steps and then --steps 8 on the same workdir equals 8 in one go. Each
+    grid is drawn once: at every --sample-every step, and at the end only if that was not one."""
+    drawn = []
+    monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
+                        drawn.append(1) or sample(*a, **k))
+    config = dataclasses.replace(TINY, lr_decay="constant", sample_every=4)
     whole = training.train(config, tmp_path / "whole", progress=False)
+    assert len(drawn) == 2 and sorted(p.name for p in (tmp_path / "whole" / "samples").iterdir()) == [
+        "step_000004.png", "step_000008.png"]
     training.train(dataclasses.replace(config, steps=4), tmp_path / "split", progress=False)
     _assert_same_state(whole, training.train(config, tmp_path / "split", progress=False))
+    assert len(drawn) == 4
 
 
 def test_loss_decreases_on_embedded_data(tmp_path):
@@ -102,22 +110,55 @@ def test_loss_decreases_on_embedded_data(tmp_path):
 
 
 def test_ema_follows_ema_pytorch_schedule():
-    """Copy on update steps up to ema_start, then min(beta, 1 - (1 + e)^(-2/3)); unchanged off update steps."""
+    """Copy on update steps up to ema_start and on the first one after it (ema_pytorch's `update` copies while its
+    `initted` flag is unset, which its copy branch never sets), then min(beta, 1 - (1 + e)^(-2/3)) with
+    e = s - ema_start; unchanged off update steps."""
     config = TrainConfig(ema_decay=0.995, ema_every=10, ema_start=100)
     decay = lambda s: float(training.ema_decay(config, jnp.int32(s)))  # noqa: E731
     assert decay(0) == 0.0 and decay(100) == 0.0 and decay(7) == 1.0 and decay(105) == 1.0
-    assert decay(110) == pytest.approx(1 - 11 ** (-2 / 3))
+    assert decay(110) == 0.0 and decay(115) == 1.0
+    assert decay(120) == pytest.approx(1 - 21 ** (-2 / 3))
     assert decay(100_000) == pytest.approx(0.995)
 
 
-def test_changed_model_or_fewer_steps_on_resume_is_an_error(tmp_path):
-    training.train(dataclasses.replace(TINY, steps=2, save_every=2), tmp_path, progress=False)
+def test_changed_model_or_fewer_steps_on_resume_is_an_error(tiny_run, tmp_path):
+    workdir = shutil.copytree(tiny_run[0], tmp_path / "run")  # TINY's checkpoint of step 8
     with pytest.raises(training.TrainingError, match="--dim 8 -> 16"):
-        training.train(dataclasses.replace(TINY, dim=16), tmp_path, progress=False)
-    saved = (tmp_path / "config.json").read_text()
-    with pytest.raises(training.TrainingError, match="--steps 1: .* checkpoint of step 2. Pass --steps 2 or more"):
-        training.train(dataclasses.replace(TINY, steps=1, save_every=2), tmp_path, progress=False)
-    assert (tmp_path / "config.json").read_text() == saved  # the run's config is not rewritten
+        training.train(dataclasses.replace(TINY, dim=16), workdir, progress=False)
+    saved = (workdir / "config.json").read_text()
+    with pytest.raises(training.TrainingError, match="--steps 1: .* checkpoint of step 8. Pass --steps 8 or more"):
+        training.train(dataclasses.replace(TINY, steps=1), workdir, progress=False)
+    assert (workdir / "config.json").read_text() == saved  # the run's config is not rewritten
+    # The noise schedule defines what the model learns: changing it on resume is an error too.
+    for change, message in [({"timesteps": 200}, "--timesteps 100 -> 200"), ({"schedule": "cosine"}, "linear -> cosine")]:
+        with pytest.raises(training.TrainingError, match=f"different model or noise schedule .*{message}"):
+            training.train(dataclasses.replace(TINY, **change), workdir, progress=False)
+    assert (workdir / "config.json").read_text() == saved
+    # The loss, the batch size and the seed may change, with a warning.
+    with pytest.warns(UserWarning, match="with --loss l2 -> l1; --seed 0 -> 1: from here on the run differs"):
+        training.train(dataclasses.replace(TINY, seed=1, loss="l1"), workdir, progress=False)
+
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{other.pid} {socket.gethostname()}")
+        with pytest.raises(training.TrainingError, match=rf"in use by another run: process {other.pid} on .*sleep"):
+            training.train(TINY, tmp_path, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing of the other run touched
+    finally:
+        other.kill()
+        other.wait()
+    lock = training.lock_workdir(tmp_path)  # its process has ended: the lock is stale
+    assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
+    training.unlock_workdir(lock)
+    assert not lock.exists()
+
+
+def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    assert training.main([*TINY_FLAGS, "--workdir", str(tmp_path / "run")]) == 2
+    assert f"--workdir {tmp_path / 'run'}: is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_ddpm_sampler_ignores_sampling_steps():
@@ -127,14 +168,14 @@ def test_ddpm_sampler_ignores_sampling_steps():
         training.check_config(dataclasses.replace(TINY, sampler="ddim", timesteps=50, sampling_steps=100), 1)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    training.train(dataclasses.replace(TINY, steps=2, save_every=2), tmp_path, progress=False)
-    good = _weights(tmp_path)
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
+    workdir = shutil.copytree(tiny_run[0], tmp_path / "run")  # TINY's checkpoints of steps 4 and 8
+    good = _weights(workdir)
     exploding = dataclasses.replace(TINY, steps=40, save_every=2, lr=1e12, weight_decay=0.0)
-    with pytest.raises(training.TrainingError, match=r"non-finite loss at step \d+; .* \(step 2\)"):
-        training.train(exploding, tmp_path, progress=False)
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
-    assert _max_diff(good, _weights(tmp_path)) == 0.0
+    with pytest.raises(training.TrainingError, match=r"non-finite loss at step \d+; .* \(step 8\)"):
+        training.train(exploding, workdir, progress=False)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+    assert _max_diff(good, _weights(workdir)) == 0.0
     with pytest.raises(training.TrainingError, match="non-finite loss at step .* No checkpoint had been saved yet"):
         training.train(dataclasses.replace(exploding, save_every=100), tmp_path / "fresh", progress=False)
 
@@ -216,7 +257,7 @@ def test_two_devices_and_two_processes_match_one_device(tiny_run, tmp_path):
     assert np.abs(grids[0] - grids[1]).max() <= 1
 
 
-def test_sigterm_saves_then_exits_0_and_resume_finishes(tmp_path):
+def test_sigterm_saves_then_exits_143_and_resume_finishes(tmp_path):
     flags = [*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", "100000", "--save-every", "100000"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -242,7 +283,8 @@ def test_bf16_trains_finite(tmp_path):
     state = training.train(config, tmp_path, progress=False)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    assert load_model(tmp_path, dtype=jnp.bfloat16)(jnp.zeros((1, 16, 16, 3)), jnp.array([5])).dtype == jnp.bfloat16
+    model = load_model(tmp_path, dtype=jnp.bfloat16)
+    assert jax.eval_shape(lambda x, t: model(x, t), jnp.zeros((1, 16, 16, 3)), jnp.array([5])).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("batch_size", [4, 3])
