@@ -207,12 +207,13 @@ def test_module_run_has_no_runpy_warning_and_public_names_import():
 def test_to_flax_of_a_model_directory_keeps_its_time_embedding_theta(tmp_path, capsys):
     """theta cannot be read off the weights: it comes from the model directory's config, and to-torch says so."""
     from ddpm_jax.config import ModelConfig
-    from flax import nnx
-
-    from ddpm_jax.convert import build_model, read_model_config, save_model
+    from ddpm_jax.convert import load_torch_state, read_model_config, save_model
+    from ddpm_jax.unets import build_model
 
     config = ModelConfig(variant="OneResUNet", dim=8, dim_mults=(1, 2), sinusoidal_pos_emb_theta=500)
-    save_model(build_model(config, rngs=nnx.Rngs(0)), config, tmp_path / "theta500")
+    state = _unet("OneResUNet", dim=8, dim_mults=(1, 2), sinusoidal_pos_emb_theta=500).state_dict()
+    save_model(load_torch_state(build_model(config), {k: v.numpy() for k, v in state.items()}), config,
+               tmp_path / "theta500")
     assert main(["to-flax", str(tmp_path / "theta500"), str(tmp_path / "copy")]) == 0
     assert read_model_config(tmp_path / "copy") == config
     assert main(["to-torch", str(tmp_path / "copy"), str(tmp_path / "unet.pt")]) == 0
