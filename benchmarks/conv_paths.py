@@ -31,7 +31,7 @@ def dense_conv_shapes(cfg, batch):
     from flax import nnx
 
     from ddpm_jax.config import ModelConfig
-    from ddpm_jax.convert import build_model
+    from ddpm_jax.unets import build_model
 
     model = build_model(ModelConfig(cfg["model"], cfg["dim"], dim_mults=tuple(cfg["dim_mults"])), rngs=nnx.Rngs(0))
     x = jax.ShapeDtypeStruct((batch, cfg["image_size"], cfg["image_size"], 3), jnp.float32)

@@ -4,11 +4,11 @@ import importlib
 
 from ddpm_jax.config import ModelConfig, TrainConfig
 from ddpm_jax.schedules import Schedule, make_schedule
-from ddpm_jax.unets import UNETS, AttentionUNet, OneResUNet, TwoResUNet
+from ddpm_jax.unets import UNETS, AttentionUNet, OneResUNet, TwoResUNet, build_model
 
 # Imported on first use (PEP 562): importing ddpm_jax.convert here would put it in sys.modules before
 # `python -m ddpm_jax.convert` runs it, which runpy warns about.
-_FROM_CONVERT = ("build_model", "load_model", "save_model")
+_FROM_CONVERT = ("load_model", "save_model")
 
 __all__ = [
     "AttentionUNet",

@@ -26,7 +26,7 @@ from flax import nnx
 from ddpm_jax import cli
 from ddpm_jax.config import ModelConfig, read_json
 from ddpm_jax.schedules import Schedule
-from ddpm_jax.unets import UNETS
+from ddpm_jax.unets import build_model
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -37,18 +37,6 @@ DIFFUSION_BUFFERS = frozenset(Schedule._fields)
 
 class ConversionError(ValueError):
     """A checkpoint that cannot become a model; the message says which file and what is wrong."""
-
-
-def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None) -> nnx.Module:
-    """A U-Net for `config`: initialised from `rngs`, or abstract (shapes only) when rngs is None."""
-    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
-
-    def make(r):
-        return UNETS[config.variant](**kwargs, rngs=r, dtype=dtype)
-
-    if rngs is None:
-        return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-    return make(rngs)
 
 
 def torch_key(path: tuple) -> str:

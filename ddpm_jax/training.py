@@ -30,9 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddpm_jax import cli, data, diffusion, ops
 from ddpm_jax.config import (LR_DECAYS, OBJECTIVE_FIELDS, PRESETS, RECIPE_FIELDS, SHAPE_FIELDS, VARIANTS, TrainConfig,
                              read_json)
-from ddpm_jax.convert import build_model
 from ddpm_jax.ops import largest_divisor_at_most
 from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
+from ddpm_jax.unets import build_model
 
 CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"

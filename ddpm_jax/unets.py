@@ -1,9 +1,12 @@
 """Flax NNX mirror of the reference's U-Nets (ddpm_torch/unets.py); NHWC, called as `model(x_BHWC, t_B)`."""
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
 from ddpm_jax.blocks import BlockAttention, Conv, ConvNextBlock, DownSample, Linear, SinusoidalPosEmb, Upsample, gelu
+from ddpm_jax.config import ModelConfig
 
 
 class _UNet(nnx.Module):
@@ -152,3 +155,15 @@ class AttentionUNet(_UNet):
 
 
 UNETS = {"OneResUNet": OneResUNet, "TwoResUNet": TwoResUNet, "AttentionUNet": AttentionUNet}
+
+
+def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None) -> nnx.Module:
+    """A U-Net for `config`: initialised from `rngs`, or abstract (shapes only) when rngs is None."""
+    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
+
+    def make(r):
+        return UNETS[config.variant](**kwargs, rngs=r, dtype=dtype)
+
+    if rngs is None:
+        return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    return make(rngs)

@@ -33,7 +33,8 @@ from flax import nnx
 
 from ddpm_jax import diffusion, training
 from ddpm_jax.config import PRESETS
-from ddpm_jax.convert import build_model, load_model, to_torch_state
+from ddpm_jax.convert import load_model, to_torch_state
+from ddpm_jax.unets import build_model
 from ddpm_jax.data import embedded_dataset, get_batch
 from ddpm_jax.evaluate import colour_distance, swd, to_uint8
 from ddpm_jax.schedules import make_schedule

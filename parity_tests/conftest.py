@@ -9,7 +9,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 torch.use_deterministic_algorithms(True)
 
 import ddpm_torch  # noqa: E402
-from ddpm_jax.convert import build_model, infer_config, load_torch_state  # noqa: E402
+from ddpm_jax.convert import infer_config, load_torch_state  # noqa: E402
+from ddpm_jax.unets import build_model  # noqa: E402
 
 
 def nhwc(x: torch.Tensor) -> np.ndarray:
