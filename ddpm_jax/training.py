@@ -370,20 +370,23 @@ def _holder_runs(holder: str) -> bool:
     if host != socket.gethostname():
         return True  # a process on another host cannot be checked from here
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
 def _command_of(pid: int, host: str) -> str:
+    """ " (its command line)" of a process on this host, where /proc has it; else ""."""
+    if host != socket.gethostname():
+        return ""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
-    return f" ({command[:200]})" if command and host == socket.gethostname() else ""
+    return f" ({command[:200]})" if command else ""
 
 
 def load_images(config: TrainConfig, strict: bool = False) -> np.ndarray:
