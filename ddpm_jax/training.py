@@ -243,8 +243,9 @@ def replicate_for_sampling(model: nnx.Module, num_images: int) -> NamedSharding 
 # The loop.
 
 
-def check_config(config: TrainConfig, num_devices: int) -> None:
-    """Every value checked before anything compiles; the message names the flag and what is allowed."""
+def check_config(config: TrainConfig, num_devices: int) -> Schedule:
+    """Every value checked before anything compiles; the message names the flag and what is allowed. Returns the
+    run's noise schedule (checking it means building it)."""
     def need(ok, flag, expected):
         if not ok:
             value = getattr(config, flag.lstrip("-").replace("-", "_"))
@@ -274,7 +275,7 @@ def check_config(config: TrainConfig, num_devices: int) -> None:
     need(config.batch_size % num_devices == 0, "batch-size", f"a multiple of the device count ({num_devices})")
     if config.sampler == "ddim":  # ddpm runs all T steps and ignores --sampling-steps
         need(config.sampling_steps <= config.timesteps, "sampling-steps", f"at most --timesteps ({config.timesteps})")
-    check_schedule(config.schedule, config.timesteps)
+    return check_schedule(config.schedule, config.timesteps)
 
 
 def check_schedule(name: str, timesteps: int) -> Schedule:
@@ -437,16 +438,16 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
     strict: an unreadable file in an image folder is an error instead of being skipped with a warning.
     """
     workdir = Path(workdir).absolute()
-    check_config(config, jax.device_count())
+    schedule = check_config(config, jax.device_count())
     lock = lock_workdir(workdir) if jax.process_index() == 0 else None  # one run per workdir
     try:
-        return _train(config, workdir, progress, strict)
+        return _train(config, schedule, workdir, progress, strict)
     finally:
         if lock:
             unlock_workdir(lock)
 
 
-def _train(config: TrainConfig, workdir: Path, progress: bool, strict: bool) -> TrainState:
+def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: bool, strict: bool) -> TrainState:
     is_writer = jax.process_index() == 0
     prepare_workdir(workdir, config, is_writer)
 
@@ -454,7 +455,6 @@ def _train(config: TrainConfig, workdir: Path, progress: bool, strict: bool) -> 
     mesh = data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(config)
-    schedule = make_schedule(config.schedule, config.timesteps)
     graphdef, abstract = nnx.eval_shape(lambda: init_state(config, tx))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
 
