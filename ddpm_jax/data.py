@@ -275,7 +275,7 @@ class DataError(ValueError):
     """A dataset cannot be used: missing, empty, or (with strict=True) holding an unreadable file."""
 
 
-def _list_images(root: Path) -> tuple[list[Path], list[Path]]:
+def list_images(root: Path) -> tuple[list[Path], list[Path]]:
     """Image-named entries under `root`, sorted by relative path: (regular files, everything else).
 
     Directories are walked (a directory named `x.png/` is reported in the second list and still
@@ -449,7 +449,7 @@ def load_image_folder(path, image_size: int, *, strict: bool = False, cache_dir=
                         f"of images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    files, odd = _list_images(root)
+    files, odd = list_images(root)
     if not files and not odd:
         raise DataError(f"no images in {root}: expected files with extensions {', '.join(IMAGE_EXTENSIONS)} "
                         "(searched recursively)")

@@ -355,10 +355,10 @@ def _common_size(folder: str) -> int:
     """The side of the square images of `folder` when they all have one size (read from the headers)."""
     from PIL import Image
 
-    from ddpm_jax.data import _list_images
+    from ddpm_jax.data import list_images
 
     sizes = set()
-    for path in _list_images(Path(folder))[0]:
+    for path in list_images(Path(folder))[0]:
         try:
             with Image.open(path) as im:
                 sizes.add(im.size)
