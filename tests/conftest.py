@@ -2,15 +2,16 @@
 
 import os
 
-import jax
 import pytest
+
+from ddpm_jax.training import enable_compilation_cache
 
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Tests reuse a handful of tiny configs; caching their compiled programs keeps the suite fast."""
+    """Tests reuse a handful of tiny configs; caching their compiled programs keeps the suite fast. The
+    environment variable carries the folder to the train.py processes the tests start."""
     path = str(tmp_path_factory.mktemp("xla_cache"))
     os.environ["DDPM_JAX_COMPILATION_CACHE"] = path
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    enable_compilation_cache()
     yield path
