@@ -55,7 +55,7 @@ class Peer:
     framework: str  # "torch" | "jax"
     precision: str  # "fp32" | "bf16"
     compiled: bool = False  # torch.compile
-    depthwise: str | None = None  # JAX: force this ddpm_jax.ops formulation (DDPM_JAX_DEPTHWISE)
+    depthwise: str | None = None  # JAX: force this ddpm_jax.depthwise formulation (DDPM_JAX_DEPTHWISE)
 
     @property
     def workloads(self):
@@ -262,7 +262,7 @@ def jax_train_setup(cfg, x_np, precision):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ddpm_jax import ops, training
+    from ddpm_jax import runtime, train_state
     from ddpm_jax.config import PRESETS
     from ddpm_jax.schedules import make_schedule
 
@@ -270,30 +270,25 @@ def jax_train_setup(cfg, x_np, precision):
     # also carries the EMA update, which the PyTorch step leaves out.
     config = dataclasses.replace(PRESETS["article"], model=cfg["model"], dim=cfg["dim"], dim_mults=cfg["dim_mults"],
                                  image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision)
-    tx = training.make_optimizer(config)
+    tx = train_state.make_optimizer(config)
     schedule = make_schedule("linear", 1000)
-    mesh = training.data_mesh()
+    mesh = runtime.data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    graphdef, abstract = nnx.eval_shape(lambda: training.init_state(config, tx))
+    graphdef, abstract = nnx.eval_shape(lambda: train_state.init_state(config, tx))
     # Weights drawn with numpy at PyTorch's scale (U(+-1/sqrt(fan_in))): XLA:CPU takes 10-20 s to compile the
     # model's own random initialisation, which a timing does not need. The optimizer state is initialised by JAX.
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda a: (rng.uniform(-1, 1, a.shape) / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))).astype(a.dtype),
         abstract.params)
-    state = jax.jit(lambda p: training.TrainState(jnp.zeros((), jnp.int32), p, jax.tree.map(jnp.copy, p), tx.init(p)),
+    state = jax.jit(lambda p: train_state.TrainState(jnp.zeros((), jnp.int32), p, jax.tree.map(jnp.copy, p), tx.init(p)),
                     out_shardings=replicated)(params)
     x = jax.device_put(x_np, batch_sharding)
     key = jax.random.key(0)
 
     def compile_step():
         t0 = time.perf_counter()
-        step = jax.jit(
-            lambda s, b, k: training.train_step(s, b, k, graphdef=graphdef, schedule=schedule, tx=tx, config=config),
-            donate_argnums=0,
-            out_shardings=(replicated, replicated),
-            compiler_options=ops.training_compiler_options(),
-        )
+        step = train_state.jit_train_step(config, graphdef, schedule, tx, replicated)
         return step.lower(state, x, key).compile(), time.perf_counter() - t0
 
     return compile_step, state, x, key, batch_sharding, graphdef
@@ -312,7 +307,7 @@ def worker(conn, peer: Peer, cfg: dict, opts: dict):
             os.environ["DDPM_JAX_COMPILATION_CACHE"] = opts["compilation_cache"]
             import jax
 
-            from ddpm_jax.training import enable_compilation_cache, use_cpu_cores_as_devices
+            from ddpm_jax.runtime import enable_compilation_cache, use_cpu_cores_as_devices
 
             if opts["device"] == "cpu":
                 use_cpu_cores_as_devices(cfg["batch_size"])  # as train.py does: data parallel over the cores
@@ -513,7 +508,7 @@ def parse_args(argv=None):
     p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
     p.add_argument("--jax-depthwise", type=lambda v: [i for i in v.split(",") if i], default=[],
                    help="extra JAX fp32 peers, train step only, each forcing a depthwise formulation "
-                        "(comma-separated: shift,lax,swap,taps; see ddpm_jax/ops.py)")
+                        "(comma-separated: shift,lax,swap,taps; see ddpm_jax/depthwise.py)")
     p.add_argument("--parallel-setup", action=argparse.BooleanOptionalAction, default=None,
                    help="start every peer at once (default: on with --device gpu)")
     p.add_argument("--compile-cap", type=float, default=900.0,
@@ -527,9 +522,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1 or args.sample_steps < 1 or args.sample_steps > 1000:
         p.error("--rounds must be >= 1 and --sample-steps in 1..1000")
-    from_ops = ("shift", "lax", "swap", "taps")  # ddpm_jax.ops.IMPLS, without importing JAX here
-    if unknown := [i for i in args.jax_depthwise if i not in from_ops]:
-        p.error(f"--jax-depthwise {','.join(unknown)}: expected names from {','.join(from_ops)}")
+    impls = ("shift", "lax", "swap", "taps")  # ddpm_jax.depthwise.IMPLS, without importing JAX here
+    if unknown := [i for i in args.jax_depthwise if i not in impls]:
+        p.error(f"--jax-depthwise {','.join(unknown)}: expected names from {','.join(impls)}")
     if args.parallel_setup is None:
         args.parallel_setup = args.device == "gpu"
     return args

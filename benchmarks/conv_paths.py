@@ -4,7 +4,7 @@
 
 Collects every dense convolution of the bench config's U-Net from its jaxpr (the shapes one JAX device sees
 when train.py splits the batch over one device per core), then times each shape's forward and its
-forward + both gradients, compiled with XLA's default options and with `ops.training_compiler_options()`,
+forward + both gradients, compiled with XLA's default options and with `runtime.training_compiler_options()`,
 the two alternating in rounds (median per shape). Totals weight each shape by how often the U-Net has it.
 Run it as train.py runs: one device per core, so each device has one core (`taskset -c 0` on a 2-core
 machine gives the same picture).
@@ -61,13 +61,12 @@ def main(argv=None):
     import jax.numpy as jnp
     from jax import lax
 
-    from ddpm_jax import ops
-    from ddpm_jax.training import use_cpu_cores_as_devices
+    from ddpm_jax import runtime
 
     jax.config.update("jax_platforms", "cpu")
     cfg = CONFIGS[args.config]
-    devices = use_cpu_cores_as_devices(cfg["batch_size"]) or jax.device_count()
-    options = {"YNNPACK (XLA's default)": {}, "Eigen (training_compiler_options)": ops.training_compiler_options()}
+    devices = runtime.use_cpu_cores_as_devices(cfg["batch_size"]) or jax.device_count()
+    options = {"YNNPACK (XLA's default)": {}, "Eigen (training_compiler_options)": runtime.training_compiler_options()}
     rng = np.random.default_rng(0)
     rows = []
     for (lhs, rhs, padding), count in sorted(dense_conv_shapes(cfg, cfg["batch_size"] // devices).items()):

@@ -7,7 +7,7 @@
 #     .whl/ (prepared beforehand: the GPU machines reach no package index), else a clear error;
 #  2. bench.py on the article config, fp32 and bf16 with every peer (PyTorch eager, torch.compile, both
 #     under autocast bf16; torch.compile dropped with a note if it does not compile within --compile-cap),
-#     plus the train step with each depthwise formulation of ddpm_jax/ops.py forced;
+#     plus the train step with each depthwise formulation of ddpm_jax/depthwise.py forced;
 #  3. profile_step.py: the fp32 train step's GPU time by kind of kernel;
 #  4. the two bit-exact resume tests under XLA_FLAGS=--xla_gpu_deterministic_ops=true (a failure says by
 #     how much the states differ);

@@ -12,7 +12,7 @@ Perfetto trace in --out, also viewable at ui.perfetto.dev) and prints the time p
   everything else as XLA reductions or other work.
 * CPU: each device thread's time, under XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true (set here), which
   makes XLA:CPU write one event per operation. An operation is classed by what its HLO computes: dense
-  convolutions, the depthwise convolution's own operations (ddpm_jax/ops.py), all-reduce, layout
+  convolutions, the depthwise convolution's own operations (ddpm_jax/depthwise.py), all-reduce, layout
   transposes and copies, and the rest by where its op_name says it comes from: the forward pass
   (`jvp(`), the backward pass (`transpose(jvp(`) or outside the loss (optimizer, EMA, noise). Eigen's
   convolutions are not traced for their whole length, so a device's busy time that no event covers is
@@ -98,7 +98,7 @@ def cpu_op_classes(hlo_text: str) -> dict[str, str]:
         elif " convolution(" in text or " convolution(" in body:
             classes[name] = DENSE
         elif "_shift_accumulate" in op_name or "_kernel_grad" in op_name:
-            classes[name] = "depthwise convolutions (ops.py: forward and both gradients)"
+            classes[name] = "depthwise convolutions (depthwise.py: forward and both gradients)"
         elif name.startswith(("transpose", "copy")):
             classes[name] = "layout transposes and copies"
         elif "transpose(jvp(" in op_name:
@@ -159,7 +159,7 @@ def main(argv=None):
     import numpy as np
 
     from bench import cpu_info, machine_name
-    from ddpm_jax.training import enable_compilation_cache, use_cpu_cores_as_devices
+    from ddpm_jax.runtime import enable_compilation_cache, use_cpu_cores_as_devices
 
     cfg = CONFIGS[args.config]
     use_cpu_cores_as_devices(cfg["batch_size"])  # as train.py does; it changes only the CPU backend

@@ -15,7 +15,7 @@ from einops import rearrange, repeat
 from flax import nnx
 from jax import lax
 
-from ddpm_jax import ops
+from ddpm_jax import depthwise
 
 gelu = partial(jax.nn.gelu, approximate=False)
 
@@ -51,7 +51,7 @@ def Conv(cin, cout, kernel_size, *, padding=0, groups=1, rngs, dtype=None):
         rngs=rngs,
         # XLA:CPU's depthwise conv is 15-40x slower than ops' shift-and-accumulate (forward and backward);
         # off CPU ops resolves to lax. A static attribute: parameter paths and checkpoints are unchanged.
-        conv_general_dilated=ops.conv_general_dilated if groups > 1 else lax.conv_general_dilated,
+        conv_general_dilated=depthwise.conv_general_dilated if groups > 1 else lax.conv_general_dilated,
     )
 
 

@@ -1,6 +1,25 @@
-"""What every command line of the project shares."""
+"""Every command of the project: ddpm-train (also `python train.py`), ddpm-sample, ddpm-convert, ddpm-evaluate
+(also `python -m ddpm_jax.sample|convert|evaluate`).
 
+One policy for all of them. An error prints as one line, `error: <message>` (with --debug: the traceback), and
+the exit code says what kind it was:
+    0  done
+    1  a run that could not go on (errors.TrainingError: a non-finite loss, a failed save, a busy workdir)
+    2  bad input: a flag, a file, a config (ValueError, OSError; argparse's own usage errors too)
+    128 + N  stopped by signal N after saving a checkpoint, as a shell reports a process that N ended
+Warnings print as one line, `warning: <message>`. Heavy modules are imported inside the commands, so that
+`--help` answers at once.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
 import warnings
+from pathlib import Path
+
+from ddpm_jax.errors import StoppedBySignal, TrainingError
 
 
 def one_line_warnings() -> None:
@@ -11,3 +30,263 @@ def one_line_warnings() -> None:
         return f"warning: {kind}{message}\n"
 
     warnings.formatwarning = format_warning
+
+
+def _run(parser: argparse.ArgumentParser, command, argv) -> int:
+    """Parse `argv`, run `command(args)`, and turn what it raises into the exit code of the policy above."""
+    one_line_warnings()
+    args = parser.parse_args(argv)
+    try:
+        command(args)
+    except StoppedBySignal as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + e.signum  # `train.py && ...` stops, as after a process the signal ended
+    except (TrainingError, ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
+    return 0
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ddpm-train
+
+
+def _parse_mults(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(m) for m in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from ddpm_jax.config import CHOICES, PRESETS, TrainConfig
+
+    parser = _parser("train.py", "Train the article's DDPM U-Net with JAX on the embedded dataset or an image "
+                     "folder. Run it again on the same --workdir to resume from the latest checkpoint.")
+    parser.add_argument("--workdir", default=None, help="run folder: config, metrics, samples, checkpoints "
+                        "(default: runs/<preset>)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="base config; flags override it. 'article' is the article's 128 px run")
+
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+    for field in dataclasses.fields(TrainConfig):
+        kind = _parse_mults if field.name == "dim_mults" else type(field.default)
+        values = {name: shown(getattr(preset, field.name)) for name, preset in PRESETS.items()}
+        defaults = (f"default: {values['default']}" if len(set(values.values())) == 1 else
+                    "; ".join(f"{name} preset: {value}" for name, value in values.items()))
+        choices = CHOICES.get(field.name)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, choices=choices and list(choices),
+                            default=None, help=f"{field.metadata['help']} ({defaults})")
+    dist = parser.add_argument_group("multi-host (auto-detected on SLURM and Cloud TPU)")
+    dist.add_argument("--coordinator", help="host:port of process 0 for jax.distributed.initialize")
+    dist.add_argument("--num-processes", type=int, help="total number of processes")
+    dist.add_argument("--process-id", type=int, help="this process's index, 0-based")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file in --data "
+                        "(default: skip it with a warning)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (metrics still go to metrics.jsonl; the compile time and the "
+                        "final summary are still printed)")
+    return parser
+
+
+def train_config(args: argparse.Namespace):
+    """(TrainConfig, workdir) of parsed train flags: the preset with every given flag replacing its value."""
+    from ddpm_jax.config import PRESETS, TrainConfig
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    return dataclasses.replace(PRESETS[args.preset], **overrides), args.workdir or os.path.join("runs", args.preset)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ddpm_jax import runtime, training
+
+    config, workdir = train_config(args)
+    runtime.enable_compilation_cache()
+    if not runtime.setup_distributed(args.coordinator, args.num_processes, args.process_id):
+        runtime.use_cpu_cores_as_devices(config.batch_size)
+    training.train(config, workdir, progress=not args.no_progress, strict=args.strict)
+
+
+def train_main(argv=None) -> int:
+    return _run(train_parser(), _train, argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ddpm-sample
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    from ddpm_jax.config import CHOICES
+    from ddpm_jax.sample import DEFAULTS
+
+    parser = _parser("ddpm-sample", "Sample images from any checkpoint: a training workdir, a model directory, a "
+                     "torch .pt.")
+    parser.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoints/<step> folder, "
+                        "a model directory (convert to-flax) or a torch .pt/.pth")
+    parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    parser.add_argument("--sampler", choices=CHOICES["sampler"], help=f"default: the run's, else {DEFAULTS.sampler}")
+    parser.add_argument("--steps", type=int, help=f"DDIM steps (default: the run's, else "
+                        f"{DEFAULTS.sampling_steps}; ddpm always runs T)")
+    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
+                        f"(default: the run's, else {DEFAULTS.eta:g})")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
+    parser.add_argument("--image-size", type=int, help=f"default: the run's, else {DEFAULTS.image_size}")
+    parser.add_argument("--schedule", choices=CHOICES["schedule"], help=f"default: the run's, else {DEFAULTS.schedule}")
+    parser.add_argument("--timesteps", type=int, help=f"default: the run's, else {DEFAULTS.timesteps}")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    parser.add_argument("--out", default="samples.png", help="grid PNG to write (default samples.png)")
+    parser.add_argument("--out-dir", help="also write each image as <out-dir>/000000.png, ...")
+    return parser
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from ddpm_jax import images, runtime
+    from ddpm_jax.sample import sample_checkpoint
+
+    # Where the images go is checked before the minutes of sampling, not after.
+    out, out_dir = Path(args.out), args.out_dir and Path(args.out_dir)
+    if out.suffix.lower() not in Image.registered_extensions() or out.is_dir():
+        raise ValueError(f"--out {out}: expected an image file name, e.g. samples.png")
+    if out_dir and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: expected a folder, not a file")
+    runtime.enable_compilation_cache()
+    samples = sample_checkpoint(args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                seed=args.seed, image_size=args.image_size, schedule=args.schedule,
+                                timesteps=args.timesteps, ema=args.ema)
+    images.save_grid(samples, out)
+    if out_dir:
+        images.save_images(samples, out_dir)
+    print(f"wrote {out}" + (f" and {args.num} images in {out_dir}" if out_dir else ""))
+
+
+def sample_main(argv=None) -> int:
+    return _run(sample_parser(), _sample, argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ddpm-convert
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    parser = _parser("ddpm-convert", "Convert U-Net weights between the article's PyTorch checkpoints and this "
+                     "project's Flax models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_flax = sub.add_parser("to-flax", help="torch checkpoint -> Flax model directory (model.json + Orbax params)")
+    to_flax.add_argument("input", help="a .pt/.pth: U-Net or DiffusionModel state_dict, or the article trainer's "
+                         "checkpoint")
+    to_flax.add_argument("output", help="directory to write (created if needed)")
+    to_flax.add_argument("--no-ema", dest="ema", action="store_false",
+                         help="from a trainer checkpoint, take the raw weights, not the EMA")
+    to_torch = sub.add_parser("to-torch", help="any checkpoint -> a U-Net state_dict .pt for the reference model")
+    to_torch.add_argument("input", help="a Flax model directory or any checkpoint that to-flax accepts")
+    to_torch.add_argument("output", help="the .pt file to write; loads with load_state_dict(strict=True)")
+    to_torch.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw weights, not the EMA")
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from ddpm_jax.checkpoints import MODEL_JSON, PARAMS_DIR, load_model, save_model
+    from ddpm_jax.config import ModelConfig
+    from ddpm_jax.convert import write_torch_file
+
+    out = Path(args.output)
+    if args.command == "to-flax" and out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; expected a directory for {MODEL_JSON} and {PARAMS_DIR}/")
+    if args.command == "to-torch" and out.is_dir():
+        raise ValueError(f"{out}: is a directory; expected a file path to write, e.g. {out / 'model.pt'}")
+    model, config = load_model(args.input, ema=args.ema)
+    out = save_model(model, config, out) if args.command == "to-flax" else write_torch_file(model, out)
+    theta = config.sinusoidal_pos_emb_theta
+    note = (f"; build the reference with sinusoidal_pos_emb_theta={theta}" if args.command == "to-torch" and
+            theta != ModelConfig.sinusoidal_pos_emb_theta else "")
+    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}{note})")
+
+
+def convert_main(argv=None) -> int:
+    return _run(convert_parser(), _convert, argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ddpm-evaluate
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    from ddpm_jax.images import FLOAT_RANGES
+
+    parser = _parser(
+        "ddpm-evaluate",
+        "Sliced Wasserstein distance x1e3 (ProGAN, Karras et al. 2018) between two image sets, and "
+        "their colour distance (SWD standardises each set, so it cannot see a colour cast). Prints one JSON line: "
+        "swd (mean over levels), levels (per resolution), colour_w1 (pixel-value Wasserstein-1 in levels of "
+        "0-255, mean over R, G, B), mean_shift (fake minus real mean, per channel), num_real, num_fake, image_size.",
+    )
+    src = "an image folder, a .npz file (key 'images' or its first array; uint8, or float in --float-range; "
+    src += "NHWC or NCHW), or 'embedded' (the built-in dataset)"
+    parser.add_argument("--real", required=True, help=f"reference images: {src}")
+    parser.add_argument("--fake", required=True, help=f"generated images: {src}")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in px; folders are resized to it, .npz files must match it; default: the "
+                        "size of the .npz set, else 32 for 'embedded', else the size a folder's images share")
+    parser.add_argument("--float-range", choices=list(FLOAT_RANGES), default="0,1",
+                        help="value range of float images in .npz files (default 0,1; write --float-range=-1,1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for descriptor positions and projections (default 0)")
+    parser.add_argument("--num", type=int, default=None, help="images per set: the first NUM of a folder or .npz; "
+                        "for 'embedded' how many to make (default 2048)")
+    parser.add_argument("--real-seed", type=int, default=0,
+                        help="seed of the embedded dataset for --real embedded (default 0)")
+    parser.add_argument("--fake-seed", type=int, default=1, help="seed of the embedded dataset for --fake embedded "
+                        "(default 1, so embedded vs embedded measures two independent samples)")
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from ddpm_jax.evaluate import colour_distance, swd
+    from ddpm_jax.images import load_images
+
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    specs = {"real": (args.real, args.real_seed), "fake": (args.fake, args.fake_seed)}
+    image_size, sets = args.image_size, {}
+
+    def kind(spec: str) -> int:  # .npz files set the size; 'embedded' follows it, else 32; folders follow
+        return 2 if os.path.isdir(spec) else 1 if spec == "embedded" else 0
+
+    for name in sorted(specs, key=lambda k: kind(specs[k][0])):
+        spec, embedded_seed = specs[name]
+        size = args.image_size if kind(spec) == 0 else image_size
+        sets[name] = load_images(spec, size, num=args.num, embedded_seed=embedded_seed, float_range=args.float_range)
+        if image_size is None:
+            image_size = sets[name].shape[1]
+    real, fake = sets["real"], sets["fake"]
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(
+            f"--real {args.real} has images of shape {real.shape[1:]} but --fake {args.fake} has "
+            f"{fake.shape[1:]}; expected the same (use --image-size to resize folders)"
+        )
+    result = swd(real, fake, seed=args.seed)
+    record = {
+        "swd": result["swd"],
+        "levels": {str(res): v for res, v in result["levels"].items()},
+        **colour_distance(real, fake),
+        "num_real": int(real.shape[0]),
+        "num_fake": int(fake.shape[0]),
+        "image_size": int(real.shape[1]),
+    }
+    print(json.dumps(record))
+
+
+def evaluate_main(argv=None) -> int:
+    return _run(evaluate_parser(), _evaluate, argv)

@@ -8,6 +8,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
+
 VARIANTS = ("OneResUNet", "TwoResUNet", "AttentionUNet")
 LR_DECAYS = ("constant", "cosine")
 
@@ -132,6 +137,71 @@ PRESETS = {
         sampler="ddpm",
     ),
 }
+
+
+# The allowed values of TrainConfig's fields, read by the command line (argparse's choices) and by `validate`.
+CHOICES = {
+    "model": VARIANTS,
+    "schedule": tuple(sorted(SCHEDULES)),
+    "loss": diffusion.LOSSES,
+    "sampler": diffusion.SAMPLERS,
+    "precision": ("fp32", "bf16"),
+    "lr_decay": LR_DECAYS,
+}
+POSITIVE = ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every", "num_samples",
+            "sampling_steps", "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr")
+NON_NEGATIVE = ("warmup_steps", "ema_start", "seed", "weight_decay", "grad_clip")
+UNIT_INTERVAL = ("adam_b1", "adam_b2", "ema_decay")  # [0, 1)
+
+
+def validate(config: TrainConfig, num_devices: int) -> Schedule:
+    """Every value checked before anything compiles; a ValueError names the flag and what is allowed. Returns the
+    run's noise schedule (checking it means building it)."""
+    def need(ok, field, expected):
+        if not ok:
+            raise ValueError(f"--{field.replace('_', '-')} {getattr(config, field)}: expected {expected}")
+
+    for field, allowed in CHOICES.items():
+        need(getattr(config, field) in allowed, field, f"one of {list(allowed)}")
+    def kind(field):
+        return "integer" if isinstance(getattr(config, field), int) else "number"
+
+    for field in POSITIVE:
+        need(getattr(config, field) > 0, field, f"a positive {kind(field)}")
+    for field in NON_NEGATIVE:
+        note = " (0 disables clipping)" if field == "grad_clip" else ""
+        need(getattr(config, field) >= 0, field, f"a non-negative {kind(field)}{note}")
+    for field in UNIT_INTERVAL:
+        need(0 <= getattr(config, field) < 1, field, "a number in [0, 1)")
+    need(0 <= config.eta <= 1, "eta", "a number in [0, 1]")
+    need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim_mults", "positive integers, e.g. 1,2,4,8")
+    need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
+    check_image_size(config.image_size, len(config.dim_mults))
+    need(config.batch_size % num_devices == 0, "batch_size", f"a multiple of the device count ({num_devices})")
+    if config.sampler == "ddim":  # ddpm runs all T steps and ignores --sampling-steps
+        need(config.sampling_steps <= config.timesteps, "sampling_steps", f"at most --timesteps ({config.timesteps})")
+    return check_schedule(config.schedule, config.timesteps)
+
+
+def check_schedule(name: str, timesteps: int) -> Schedule:
+    """The named beta schedule at T = `timesteps`, once every beta is checked to lie in (0, 1); else a ValueError
+    naming the flags."""
+    schedule = make_schedule(name, timesteps)
+    betas = np.asarray(schedule.betas)
+    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(
+            f"--schedule {name} with --timesteps {timesteps} gives betas outside (0, 1) "
+            f"(range {np.nanmin(betas):.3g}..{np.nanmax(betas):.3g}); the linear schedule needs --timesteps > 20"
+        )
+    return schedule
+
+
+def check_image_size(image_size: int, levels: int) -> None:
+    """A U-Net of `levels` levels halves the image `levels - 1` times: the size must divide evenly."""
+    factor = 2 ** (levels - 1)
+    if image_size % factor:
+        raise ValueError(f"--image-size {image_size}: expected a multiple of {factor} "
+                         f"(2^(levels-1) for {levels} levels)")
 
 
 def read_json(path: Path) -> dict:

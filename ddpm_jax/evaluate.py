@@ -11,22 +11,15 @@ project both sets, sort, mean absolute difference; averaged over repeats, times 
 "swd" is the mean over levels. Because each set is standardised, SWD cannot see a colour cast;
 `colour_distance` measures it.
 
-Usage:
-    python -m ddpm_jax.evaluate --real embedded --fake samples.npz
+From the command line (cli.py), with the image sets loaded by `images.load_images`:
+    ddpm-evaluate --real embedded --fake samples.npz
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import zipfile
-from pathlib import Path
 
 import numpy as np
-
-from ddpm_jax import cli
 
 NHOOD_SIZE = 7  # ProGAN's descriptor: a 7x7 neighbourhood of 3 channels.
 
@@ -167,7 +160,7 @@ def _check_images(name: str, images: np.ndarray) -> None:
     if images.dtype != np.uint8:
         raise ValueError(
             f"{name}: expected dtype uint8 (N,H,W,3) with values in [0, 255], got {images.dtype}; "
-            "convert float images with ddpm_jax.evaluate.to_uint8"
+            "convert float images with ddpm_jax.images.to_uint8"
         )
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or images.shape[0] < 1:
         raise ValueError(f"{name}: expected shape (N, S, S, 3) with N >= 1 (square RGB, NHWC), got {images.shape}")
@@ -246,213 +239,7 @@ def colour_distance(real: np.ndarray, fake: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
-FLOAT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
-_UNDERSHOOT = 0.05  # of the range's width: float values this far outside it are clipped, further is an error
+if __name__ == "__main__":  # python -m ddpm_jax.evaluate
+    from ddpm_jax.cli import evaluate_main
 
-
-def to_uint8(images: np.ndarray, name: str = "images", float_range: str = "0,1") -> np.ndarray:
-    """(N,H,W,3) or (N,3,H,W) array -> uint8 (N,H,W,3).
-
-    Layout: NHWC if the last axis has 3 entries, else NCHW if axis 1 has 3 entries.
-    Values: integer dtypes must lie in [0, 255] and are kept. Floats are read in `float_range` ("0,1" or "-1,1")
-    and mapped linearly to 0..255. A sampler's small overshoot (up to 5% of the range's width) is clipped;
-    values further out are an error that names the other range, never a guess.
-    """
-    if float_range not in FLOAT_RANGES:
-        raise ValueError(f"float range {float_range!r}: expected one of {list(FLOAT_RANGES)}")
-    x = np.asarray(images)
-    if x.ndim != 4 or 3 not in (x.shape[-1], x.shape[1]):
-        raise ValueError(f"{name}: expected shape (N,H,W,3) or (N,3,H,W), got {x.shape}")
-    if x.shape[-1] != 3:
-        x = x.transpose(0, 2, 3, 1)
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    if x.size == 0:
-        raise ValueError(f"{name}: no images (shape {x.shape})")
-    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi > 255:
-            raise ValueError(f"{name}: integer values must lie in [0, 255], got [{lo}, {hi}]")
-        return x.astype(np.uint8)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name}: contains nan or inf")
-    bottom, top = FLOAT_RANGES[float_range]
-    slack = _UNDERSHOOT * (top - bottom)
-    lo, hi = float(x.min()), float(x.max())
-    if lo < bottom - slack or hi > top + slack:
-        other = next(r for r in FLOAT_RANGES if r != float_range)
-        raise ValueError(f"{name}: float values span [{lo:.4g}, {hi:.4g}], outside [{float_range}] by more than "
-                         f"{_UNDERSHOOT:.0%} of it; if they are in [{other}], say so (--float-range={other})")
-    scaled = (x.astype(np.float64) - bottom) * (255.0 / (top - bottom))
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
-
-
-def _load_npz(path: str, float_range: str) -> np.ndarray:
-    # np.load reads anything that is neither a zip (.npz) nor a .npy as a pickle, and with
-    # allow_pickle=False blames "pickled (object) data" even for a text file.
-    with open(path, "rb") as f:
-        npy = f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
-    if not (npy or zipfile.is_zipfile(path)):
-        raise ValueError(f"{path}: is not a valid .npz file (neither a zip archive of arrays nor a .npy array)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # a .npy saved under a .npz name
-            key, array = "array", loaded
-        else:
-            with loaded:
-                if not loaded.files:
-                    raise ValueError("it holds no arrays")
-                key = "images" if "images" in loaded.files else loaded.files[0]
-                array = loaded[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: cannot read as .npz of images ({e})") from e
-    return to_uint8(array, name=f"{path}[{key!r}]", float_range=float_range)
-
-
-def load_images(
-    spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0, float_range: str = "0,1"
-) -> np.ndarray:
-    """Images named by `spec` as uint8 (N, S, S, 3).
-
-    spec: an image folder (ddpm_jax.data.load_image_folder, resized to `image_size`; None: the size its
-    images share, an error if they differ), a .npz file
-    (the array under key "images", else the first array; converted by `to_uint8` with `float_range`; its size
-    must equal `image_size` when given), or "embedded" (ddpm_jax.data.embedded_dataset with
-    `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px).
-    num: keep at most the first `num` images (folders and .npz).
-    """
-    if num is not None and num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    if spec == "embedded":
-        from ddpm_jax.data import embedded_dataset
-
-        return embedded_dataset(
-            num_images=2048 if num is None else num,
-            image_size=32 if image_size is None else image_size,
-            seed=embedded_seed,
-        )
-    if not os.path.exists(spec):
-        raise FileNotFoundError(f"{spec}: no such file or folder; expected an image folder, a .npz file or 'embedded'")
-    if os.path.isdir(spec):
-        from ddpm_jax.data import load_image_folder
-
-        images = load_image_folder(spec, _common_size(spec) if image_size is None else image_size)
-    elif spec.endswith(".npz"):
-        images = _load_npz(spec, float_range)
-        if image_size is not None and images.shape[1:3] != (image_size, image_size):
-            raise ValueError(
-                f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected {image_size}x{image_size} "
-                "(image_size); .npz files are not resized"
-            )
-    else:
-        raise ValueError(f"{spec}: expected an image folder, a .npz file or 'embedded'")
-    return images[:num] if num is not None else images
-
-
-def _common_size(folder: str) -> int:
-    """The side of the square images of `folder` when they all have one size (read from the headers)."""
-    from PIL import Image
-
-    from ddpm_jax.data import list_images
-
-    sizes = set()
-    for path in list_images(Path(folder))[0]:
-        try:
-            with Image.open(path) as im:
-                sizes.add(im.size)
-        except OSError:
-            continue  # load_image_folder reports unreadable files
-    if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:
-        return next(iter(sizes))[0]
-    seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) or "none readable"
-    raise ValueError(f"{folder}: its images are not all one square size ({seen}); "
-                     f"pass --image-size to resize them to one")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ddpm_jax.evaluate",
-        description="Sliced Wasserstein distance x1e3 (ProGAN, Karras et al. 2018) between two image sets, and "
-        "their colour distance (SWD standardises each set, so it cannot see a colour cast). Prints one JSON line: "
-        "swd (mean over levels), levels (per resolution), colour_w1 (pixel-value Wasserstein-1 in levels of "
-        "0-255, mean over R, G, B), mean_shift (fake minus real mean, per channel), num_real, num_fake, image_size.",
-    )
-    src = "an image folder, a .npz file (key 'images' or its first array; uint8, or float in --float-range; "
-    src += "NHWC or NCHW), or 'embedded' (the built-in dataset)"
-    parser.add_argument("--real", required=True, help=f"reference images: {src}")
-    parser.add_argument("--fake", required=True, help=f"generated images: {src}")
-    parser.add_argument(
-        "--image-size", type=int, default=None,
-        help="image side in px; folders are resized to it, .npz files must match it; "
-        "default: the size of the .npz set, else 32 for 'embedded', else the size a folder's images share",
-    )
-    parser.add_argument("--float-range", choices=list(FLOAT_RANGES), default="0,1",
-                        help="value range of float images in .npz files (default 0,1; write --float-range=-1,1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for descriptor positions and projections (default 0)")
-    parser.add_argument(
-        "--num", type=int, default=None,
-        help="images per set: the first NUM of a folder or .npz; for 'embedded' how many to make (default 2048)",
-    )
-    parser.add_argument(
-        "--real-seed", type=int, default=0, help="seed of the embedded dataset for --real embedded (default 0)"
-    )
-    parser.add_argument(
-        "--fake-seed", type=int, default=1,
-        help="seed of the embedded dataset for --fake embedded (default 1, so embedded vs embedded "
-        "measures two independent samples)",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    cli.one_line_warnings()
-    args = build_parser().parse_args(argv)
-    try:
-        if args.image_size is not None and args.image_size < 1:
-            raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
-        specs = {"real": (args.real, args.real_seed), "fake": (args.fake, args.fake_seed)}
-        image_size, images = args.image_size, {}
-
-        def kind(spec: str) -> int:  # .npz files set the size; 'embedded' follows it, else 32; folders follow
-            return 2 if os.path.isdir(spec) else 1 if spec == "embedded" else 0
-
-        for name in sorted(specs, key=lambda k: kind(specs[k][0])):
-            spec, embedded_seed = specs[name]
-            size = args.image_size if kind(spec) == 0 else image_size
-            images[name] = load_images(spec, size, num=args.num, embedded_seed=embedded_seed,
-                                       float_range=args.float_range)
-            if image_size is None:
-                image_size = images[name].shape[1]
-        real, fake = images["real"], images["fake"]
-        if real.shape[1:] != fake.shape[1:]:
-            raise ValueError(
-                f"--real {args.real} has images of shape {real.shape[1:]} but --fake {args.fake} has "
-                f"{fake.shape[1:]}; expected the same (use --image-size to resize folders)"
-            )
-        result = swd(real, fake, seed=args.seed)
-        colour = colour_distance(real, fake)
-    except (ValueError, OSError, ImportError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    record = {
-        "swd": result["swd"],
-        "levels": {str(res): v for res, v in result["levels"].items()},
-        **colour,
-        "num_real": int(real.shape[0]),
-        "num_fake": int(fake.shape[0]),
-        "image_size": int(real.shape[1]),
-    }
-    print(json.dumps(record))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(evaluate_main())

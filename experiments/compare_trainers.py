@@ -31,12 +31,14 @@ import numpy as np
 import torch
 from flax import nnx
 
-from ddpm_jax import diffusion, training
+from ddpm_jax import diffusion, runtime, training
 from ddpm_jax.config import PRESETS
-from ddpm_jax.convert import load_model, to_torch_state
+from ddpm_jax.checkpoints import load_model
+from ddpm_jax.convert import to_torch_state
 from ddpm_jax.unets import build_model
 from ddpm_jax.data import embedded_dataset, get_batch
-from ddpm_jax.evaluate import colour_distance, swd, to_uint8
+from ddpm_jax.evaluate import colour_distance, swd
+from ddpm_jax.images import to_uint8
 from ddpm_jax.schedules import make_schedule
 from ddpm_torch import UNETS, DiffusionModel
 from ddpm_torch.training import train_step as torch_train_step
@@ -181,12 +183,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(args.threads)
-    training.enable_compilation_cache()
+    runtime.enable_compilation_cache()
     config = PRESETS["default"]
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),
                                      sample_every=args.steps)
-    training.use_cpu_cores_as_devices(config.batch_size)  # as train.py: one JAX device per core on a CPU
+    runtime.use_cpu_cores_as_devices(config.batch_size)  # as train.py: one JAX device per core on a CPU
     args.out.mkdir(parents=True, exist_ok=True)
     args.report.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -211,7 +213,7 @@ def main(argv=None) -> None:
         (torch_dir / "done").write_text(f"{time.perf_counter() - t0:.1f}\n")
     results["train_seconds"] = {k: float((d / "done").read_text()) for k, d in (("jax", jax_dir), ("torch", torch_dir))}
 
-    jax_ema = load_model(jax_dir)  # the EMA weights of the last checkpoint
+    jax_ema, _ = load_model(jax_dir)  # the EMA weights of the last checkpoint
     ref = torch_model(config, torch_dir / "final.pt")
     schedule = make_schedule(config.schedule, config.timesteps)
 
@@ -233,7 +235,7 @@ def main(argv=None) -> None:
     cached(results, "held_out_loss", results_path,
            lambda: {"jax": held_out_loss(config, jax_loss, held_out), "torch": held_out_loss(config, torch_loss, held_out)})
 
-    batch_sharding = training.replicate_for_sampling(jax_ema, args.num)  # as the sample CLI
+    batch_sharding = runtime.replicate_for_sampling(jax_ema, args.num)  # as the sample CLI
 
     def seed_suffix(seed):
         return "" if seed == SAMPLE_SEED else f"_seed{seed}"

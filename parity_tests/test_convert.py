@@ -10,7 +10,8 @@ import torch
 
 import ddpm_torch
 from ddpm_jax import load_model
-from ddpm_jax.convert import ConversionError, load_model_and_config, main, to_torch_state
+from ddpm_jax.cli import convert_main as main
+from ddpm_jax.convert import ConversionError, to_torch_state
 from ddpm_torch import DiffusionModel
 from parity_tests.conftest import check, nchw, nhwc
 
@@ -49,7 +50,7 @@ def _trainer_checkpoint(variant, kwargs):
 def test_plain_state_dict_round_trip_and_inference(tmp_path, variant, kwargs):
     unet = _unet(variant, **kwargs)
     torch.save(unet.state_dict(), tmp_path / "unet.pt")
-    model, config = load_model_and_config(tmp_path / "unet.pt")
+    model, config = load_model(tmp_path / "unet.pt")
     assert type(model).__name__ == variant
     for name, value in kwargs.items():
         assert getattr(config, name) == (tuple(value) if name == "dim_mults" else value), name
@@ -63,15 +64,15 @@ def test_plain_state_dict_round_trip_and_inference(tmp_path, variant, kwargs):
 def test_diffusion_model_state_dict(tmp_path, variant, kwargs):
     unet = _unet(variant, **kwargs)
     torch.save(DiffusionModel(unet, 16, timesteps=50).state_dict(), tmp_path / "diffusion.pt")
-    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "diffusion.pt")))
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "diffusion.pt")[0]))
 
 
 @pytest.mark.parametrize("variant,kwargs", ARCHITECTURES)
 def test_article_trainer_checkpoint_ema_and_raw(tmp_path, variant, kwargs):
     checkpoint, raw, ema = _trainer_checkpoint(variant, kwargs)
     torch.save(checkpoint, tmp_path / "model-37.pt")
-    _assert_same_weights(ema.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt")))
-    _assert_same_weights(raw.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt", ema=False)))
+    _assert_same_weights(ema.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt")[0]))
+    _assert_same_weights(raw.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt", ema=False)[0]))
 
 
 def test_cli_to_flax_then_to_torch_is_bit_exact(tmp_path):
@@ -80,7 +81,7 @@ def test_cli_to_flax_then_to_torch_is_bit_exact(tmp_path):
     torch.save(checkpoint, tmp_path / "trainer.pt")
     assert main(["to-flax", str(tmp_path / "trainer.pt"), str(tmp_path / "flax")]) == 0
     assert (tmp_path / "flax" / "model.json").is_file()
-    flax_model = load_model(tmp_path / "flax")
+    flax_model, _ = load_model(tmp_path / "flax")
     assert main(["to-torch", str(tmp_path / "flax"), str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     fresh = ddpm_torch.UNETS[variant](**kwargs)
@@ -132,7 +133,7 @@ def test_legacy_format_checkpoint_loads(tmp_path):
     variant, kwargs = ARCHITECTURES[1]
     unet = _unet(variant, **kwargs)
     torch.save(unet.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "legacy.pt")))
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "legacy.pt")[0]))
 
 
 class _Payload:
@@ -186,9 +187,9 @@ def test_module_run_has_no_runpy_warning_and_public_names_import():
         "import sys, ddpm_jax\n"
         "assert 'ddpm_jax.convert' not in sys.modules\n"
         "from ddpm_jax import load_model, build_model, save_model\n"
-        "from ddpm_jax import convert\n"
-        "assert load_model is convert.load_model and build_model is convert.build_model\n"
-        "assert save_model is convert.save_model\n"
+        "from ddpm_jax import checkpoints, unets\n"
+        "assert load_model is checkpoints.load_model and build_model is unets.build_model\n"
+        "assert save_model is checkpoints.save_model\n"
         "assert all(getattr(ddpm_jax, name) is not None for name in ddpm_jax.__all__)\n"
         "ns = {}\n"
         "exec('from ddpm_jax import *', ns)\n"
@@ -207,7 +208,8 @@ def test_module_run_has_no_runpy_warning_and_public_names_import():
 def test_to_flax_of_a_model_directory_keeps_its_time_embedding_theta(tmp_path, capsys):
     """theta cannot be read off the weights: it comes from the model directory's config, and to-torch says so."""
     from ddpm_jax.config import ModelConfig
-    from ddpm_jax.convert import load_torch_state, read_model_config, save_model
+    from ddpm_jax.checkpoints import read_model_config, save_model
+    from ddpm_jax.convert import load_torch_state
     from ddpm_jax.unets import build_model
 
     config = ModelConfig(variant="OneResUNet", dim=8, dim_mults=(1, 2), sinusoidal_pos_emb_theta=500)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from ddpm_jax import diffusion, ops, schedules
+from ddpm_jax import depthwise, diffusion, schedules
 from ddpm_jax.convert import torch_key
 from ddpm_torch import DiffusionModel
 from parity_tests.conftest import check, nhwc, torch_and_flax
@@ -22,7 +22,7 @@ def _to_torch_layout(a):
 @pytest.mark.parametrize(
     "variant,loss_type,impl",
     [("OneResUNet", "l2", None), ("TwoResUNet", "l2", None), ("AttentionUNet", "l2", None), ("TwoResUNet", "l1", None)]
-    + [("TwoResUNet", "l2", impl) for impl in ops.IMPLS],
+    + [("TwoResUNet", "l2", impl) for impl in depthwise.IMPLS],
 )
 def test_loss_gradients(variant, loss_type, impl):
     torch_model, flax_model = torch_and_flax(variant, dim=8, dim_mults=(1, 2))
@@ -43,7 +43,7 @@ def test_loss_gradients(variant, loss_type, impl):
             model, schedule, jnp.asarray(nhwc(x0)), jnp.asarray(t.numpy()), jnp.asarray(nhwc(noise)), loss_type
         )
 
-    with ops.use_impl(impl):
+    with depthwise.use_impl(impl):
         grads = nnx.to_flat_state(jax.grad(loss)(params))
     ours = {torch_key(path): _to_torch_layout(np.asarray(v.get_value())) for path, v in grads}
     assert ours.keys() == expected.keys()

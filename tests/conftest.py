@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ddpm_jax.training import enable_compilation_cache
+from ddpm_jax.runtime import enable_compilation_cache
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ from ddpm_jax.data import (
     batch_indices,
     embedded_dataset,
     flip_mask,
+    folder,
     get_batch,
     load_image_folder,
 )
@@ -270,7 +271,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch, no_user_cache):
     def no_decoding(*args):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data, "_decode_image", no_decoding)
+    monkeypatch.setattr(folder, "_decode_image", no_decoding)
     np.testing.assert_array_equal(load_image_folder(d, 8), first)
     with pytest.warns(UserWarning):  # another size is another cache entry: decodes (and fails here)
         with pytest.raises(DataError):
@@ -286,8 +287,8 @@ def test_cache_is_invalidated_when_a_file_changes(tmp_path, monkeypatch, no_user
     st = (d / "b.png").stat()
     os.utime(d / "b.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse-mtime filesystems
     calls = []
-    decode = data._decode_image
-    monkeypatch.setattr(data, "_decode_image", lambda *a: calls.append(a) or decode(*a))
+    decode = folder._decode_image
+    monkeypatch.setattr(folder, "_decode_image", lambda *a: calls.append(a) or decode(*a))
     out = load_image_folder(d, 8)
     assert len(calls) == 2 and (out[1] == BLUE).all()
     assert len(list((d / data.CACHE_DIR_NAME).glob("*.npz"))) == 1  # the stale cache is removed
@@ -304,8 +305,8 @@ def test_cache_dir_argument_fallback_and_damaged_cache(tmp_path, monkeypatch):
 
     # A read-only folder: the cache goes to $XDG_CACHE_HOME/ddpm_jax.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    writable = data._writable_dir
-    monkeypatch.setattr(data, "_writable_dir", lambda p: p.name != data.CACHE_DIR_NAME and writable(p))
+    writable = folder._writable_dir
+    monkeypatch.setattr(folder, "_writable_dir", lambda p: p.name != data.CACHE_DIR_NAME and writable(p))
     load_image_folder(d, 8)
     (cache,) = (tmp_path / "xdg" / "ddpm_jax").glob("*.npz")
 

@@ -10,7 +10,9 @@ import pytest
 import scipy.ndimage
 import scipy.stats
 
+from ddpm_jax import cli
 from ddpm_jax import evaluate as ev
+from ddpm_jax.images import load_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,54 +227,6 @@ def test_too_small_images_raise():
         ev.swd(x, x)
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def test_to_uint8_conversions():
-    u8 = make_images(3, seed=2)
-    f01 = u8.astype(np.float32) / 255
-    np.testing.assert_array_equal(ev.to_uint8(f01), u8)
-    np.testing.assert_array_equal(ev.to_uint8(f01 * 2 - 1, float_range="-1,1"), u8)
-    np.testing.assert_array_equal(ev.to_uint8(u8.transpose(0, 3, 1, 2)), u8)
-    np.testing.assert_array_equal(ev.to_uint8(u8.astype(np.int64)), u8)
-    # A [0, 1] sample set that undershoots 0 a little is clipped, not read as [-1, 1].
-    undershoot = f01.copy()
-    undershoot[0, 0, 0] = -0.02
-    expected = u8.copy()
-    expected[0, 0, 0] = 0
-    np.testing.assert_array_equal(ev.to_uint8(undershoot), expected)
-    with pytest.raises(ValueError, match=r"span \[-[.0-9]+, [.0-9]+\], outside \[0,1\] .*--float-range=-1,1"):
-        ev.to_uint8(f01 * 2 - 1)
-    with pytest.raises(ValueError, match=r"span \[[0-9.]+, [0-9.]+\], outside \[0,1\]"):
-        ev.to_uint8(u8.astype(np.float32))
-    with pytest.raises(ValueError, match="expected shape"):
-        ev.to_uint8(np.zeros((4, 32, 32), np.uint8))
-
-
-def test_load_images_npz(tmp_path):
-    u8 = make_images(5, seed=2)
-    np.savez(tmp_path / "a.npz", other=np.zeros(3), images=u8.transpose(0, 3, 1, 2) / 127.5 - 1)
-    np.testing.assert_array_equal(ev.load_images(str(tmp_path / "a.npz"), 32, num=4, float_range="-1,1"), u8[:4])
-    with pytest.raises(ValueError, match="--float-range=-1,1"):
-        ev.load_images(str(tmp_path / "a.npz"), 32)
-    with pytest.raises(ValueError, match="expected 16x16"):
-        ev.load_images(str(tmp_path / "a.npz"), 16, float_range="-1,1")
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
-        ev.load_images(str(tmp_path / "nope.npz"), None)
-
-
-def test_load_images_junk_npz_is_not_an_npz(tmp_path):
-    (tmp_path / "junk.npz").write_text("not an npz\n")
-    with pytest.raises(ValueError, match="junk.npz: is not a valid .npz file") as info:
-        ev.load_images(str(tmp_path / "junk.npz"), None)
-    assert "pickled" not in str(info.value)
-    # A .npy saved under a .npz name still loads.
-    u8 = make_images(2, seed=2)
-    with open(tmp_path / "array.npz", "wb") as f:
-        np.save(f, u8)
-    np.testing.assert_array_equal(ev.load_images(str(tmp_path / "array.npz"), None), u8)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -309,22 +263,22 @@ def test_cli_bad_inputs_exit_2_without_traceback(tmp_path):
 def test_cli_mismatched_sizes_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "a.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
     np.savez(tmp_path / "b.npz", images=np.zeros((4, 64, 64, 3), np.uint8))
-    assert ev.main(["--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz")]) == 2
+    assert cli.evaluate_main(["--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz")]) == 2
     err = capsys.readouterr().err
     assert "b.npz" in err and "(64, 64, 3)" in err
-    assert ev.main(["--real", str(tmp_path / "a.npz"), "--fake", "embedded", "--image-size", "16"]) == 2
+    assert cli.evaluate_main(["--real", str(tmp_path / "a.npz"), "--fake", "embedded", "--image-size", "16"]) == 2
     assert "a.npz" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a.npz"):  # --debug re-raises
-        ev.main(["--real", str(tmp_path / "a.npz"), "--fake", "embedded", "--image-size", "16", "--debug"])
+        cli.evaluate_main(["--real", str(tmp_path / "a.npz"), "--fake", "embedded", "--image-size", "16", "--debug"])
 
 
 def test_cli_embedded_seeds(capsys):
-    assert ev.main(["--real", "embedded", "--fake", "embedded", "--num", "64", "--real-seed", "5", "--fake-seed", "5"]) == 0
+    assert cli.evaluate_main(["--real", "embedded", "--fake", "embedded", "--num", "64", "--real-seed", "5", "--fake-seed", "5"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (64, 64, 32)
     assert record["swd"] < 1e-6  # same seed: the same images
-    held_out = ev.load_images("embedded", 32, num=64, embedded_seed=6)
-    train = ev.load_images("embedded", 32, num=64, embedded_seed=5)
+    held_out = load_images("embedded", 32, num=64, embedded_seed=6)
+    train = load_images("embedded", 32, num=64, embedded_seed=5)
     assert held_out.shape == (64, 32, 32, 3) and not np.array_equal(held_out, train)
     assert ev.swd(train, held_out)["swd"] < ev.swd(train, _blur(held_out, 2.0))["swd"]
 
@@ -337,14 +291,14 @@ def test_cli_folder_follows_npz_size(tmp_path, capsys, real):
     for i, img in enumerate(make_images(6, size=48, seed=9)):
         Image.fromarray(img).save(folder / f"{i}.png")
     np.savez(tmp_path / "real.npz", images=real[:16])
-    assert ev.main(["--real", str(tmp_path / "real.npz"), "--fake", str(folder)]) == 0
+    assert cli.evaluate_main(["--real", str(tmp_path / "real.npz"), "--fake", str(folder)]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (16, 6, 32)
     # Two folders: the size their images share (48 px here); images of several sizes need --image-size.
-    assert ev.main(["--real", str(folder), "--fake", str(folder)]) == 0
+    assert cli.evaluate_main(["--real", str(folder), "--fake", str(folder)]) == 0
     assert json.loads(capsys.readouterr().out)["image_size"] == 48
     Image.fromarray(make_images(1, size=40, seed=9)[0]).save(folder / "other.png")
-    assert ev.main(["--real", str(folder), "--fake", str(folder)]) == 2
+    assert cli.evaluate_main(["--real", str(folder), "--fake", str(folder)]) == 2
     assert "not all one square size (40x40, 48x48); pass --image-size" in capsys.readouterr().err
 
 
@@ -355,13 +309,13 @@ def test_cli_folder_with_embedded_defaults_to_32(tmp_path, capsys):
     folder.mkdir()
     for i, img in enumerate(make_images(6, size=48, seed=9)):
         Image.fromarray(img).save(folder / f"{i}.png")
-    assert ev.main(["--real", "embedded", "--fake", str(folder), "--num", "16"]) == 0
+    assert cli.evaluate_main(["--real", "embedded", "--fake", str(folder), "--num", "16"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (16, 6, 32)
-    assert ev.main(["--real", str(folder), "--fake", "embedded", "--num", "4", "--fake-seed", "3"]) == 0
+    assert cli.evaluate_main(["--real", str(folder), "--fake", "embedded", "--num", "4", "--fake-seed", "3"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (4, 4, 32)
-    expected = ev.swd(ev.load_images(str(folder), 32, num=4), ev.load_images("embedded", 32, num=4, embedded_seed=3))
+    expected = ev.swd(load_images(str(folder), 32, num=4), load_images("embedded", 32, num=4, embedded_seed=3))
     assert record["swd"] == pytest.approx(expected["swd"])
     proc = _cli("--real", "embedded", "--fake", str(folder), "--num", "8")
     assert proc.returncode == 0, proc.stderr

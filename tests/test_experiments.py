@@ -6,7 +6,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from ddpm_jax import training
+from ddpm_jax import train_state
 from ddpm_jax.config import PRESETS, TrainConfig
 
 _spec = importlib.util.spec_from_file_location(
@@ -25,6 +25,6 @@ STEPS = [0, 1, 5, 9, 10, 11, 99, 100, 101, 110, 150, 2999, 100_000]
 def test_torch_loop_schedules_match_the_jax_trainer(config):
     for step in STEPS:
         assert compare.torch_ema_decay(config, step) == pytest.approx(
-            float(training.ema_decay(config, jnp.int32(step))), abs=1e-6)
+            float(train_state.ema_decay(config, jnp.int32(step))), abs=1e-6)
         assert compare.torch_lr_factor(config, step) * config.lr == pytest.approx(
-            float(training.learning_rate(config)(jnp.int32(step))), rel=1e-6, abs=1e-10)
+            float(train_state.learning_rate(config)(jnp.int32(step))), rel=1e-6, abs=1e-10)

@@ -70,7 +70,7 @@ def test_cpu_device_time_is_grouped_by_what_each_operation_computes():
     rows = dict(summarize_cpu({"traceEvents": events}, CPU_HLO, steps=2))
     assert rows == {
         "dense convolutions traced (YNNPACK's; Eigen's dispatch)": 0.0525,
-        "depthwise convolutions (ops.py: forward and both gradients)": 0.1,
+        "depthwise convolutions (depthwise.py: forward and both gradients)": 0.1,
         "all-reduce of the gradients (waiting for the other devices included)": 0.04,
         "layout transposes and copies": 0.02,
         "other forward-pass operations (GELU, GroupNorm, adds)": 0.015,

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from ddpm_jax import convert, sample, training
+from ddpm_jax import cli, training
 from ddpm_jax.convert import ConversionError
 from ddpm_jax.data import DataError
 from test_training import ROOT, TINY, TINY_FLAGS, _max_diff, _run, _weights
@@ -66,23 +66,23 @@ def test_train_cli_rejects_unusable_image_folders(tmp_path, monkeypatch, capsys,
         Image.new("RGB", (16, 16), (255, 0, 0)).save(folder / "good.png")
         (folder / "text.jpg").write_text("not a jpeg")
         flags, named = ["--strict"], folder / "text.jpg"
-    code = training.main([*TINY_FLAGS, "--workdir", str(tmp_path / "run"), "--data", str(folder), *flags])
+    code = cli.train_main([*TINY_FLAGS, "--workdir", str(tmp_path / "run"), "--data", str(folder), *flags])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and str(named) in err and "Traceback" not in err
-    assert training.parse_args([])[0].strict is False  # by default bad files are skipped, not fatal
+    assert cli.train_parser().parse_args([]).strict is False  # by default bad files are skipped, not fatal
 
 
 def test_debug_shows_the_traceback(tmp_path):
     """--debug lets the exception escape (Python prints its traceback); evaluate's is in test_evaluate."""
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
-        training.main([*TINY_FLAGS, "--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "empty"), "--debug"])
+        cli.train_main([*TINY_FLAGS, "--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "empty"), "--debug"])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConversionError, match="junk.pt"):
-        sample.main(["--checkpoint", str(tmp_path / "junk.pt"), "--debug"])
+        cli.sample_main(["--checkpoint", str(tmp_path / "junk.pt"), "--debug"])
     with pytest.raises(ConversionError, match="junk.pt"):
-        convert.main(["--debug", "to-flax", str(tmp_path / "junk.pt"), str(tmp_path / "out")])
+        cli.convert_main(["--debug", "to-flax", str(tmp_path / "junk.pt"), str(tmp_path / "out")])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoi
             return save(self, step, *args, **kwargs)
 
         monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-        code, err = training.main(command), capsys.readouterr().err
+        code, err = cli.train_main(command), capsys.readouterr().err
     assert code == 1, err[-3000:]
     assert f"error: could not save the checkpoint of step 8 in {workdir / 'checkpoints'}" in err
     assert "No space left on device" in err and "The previous checkpoint (step 4) is intact" in err

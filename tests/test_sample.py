@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import ddpm_torch
-from ddpm_jax.sample import main
+from ddpm_jax.cli import sample_main as main
 
 COMMON = ["--num", "4", "--sampler", "ddim", "--steps", "3", "--timesteps", "100", "--image-size", "16"]
 
@@ -36,7 +36,7 @@ def test_same_seed_same_images_and_out_dir(tmp_path, torch_checkpoint):
 
 
 def test_ddpm_sampler_from_model_directory(tmp_path, torch_checkpoint):
-    from ddpm_jax.convert import main as convert
+    from ddpm_jax.cli import convert_main as convert
 
     assert convert(["to-flax", str(torch_checkpoint), str(tmp_path / "flax")]) == 0
     out = tmp_path / "ddpm.png"
@@ -59,7 +59,7 @@ def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
     import dataclasses
 
     from ddpm_jax.config import TrainConfig
-    from ddpm_jax.convert import main as convert
+    from ddpm_jax.cli import convert_main as convert
 
     model_dir = tmp_path / "flax"
     assert convert(["to-flax", str(torch_checkpoint), str(model_dir)]) == 0

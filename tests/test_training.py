@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import training
-from ddpm_jax.config import TrainConfig
-from ddpm_jax.convert import load_model, to_torch_state
+from ddpm_jax import cli, train_state, training, workdirs
+from ddpm_jax.checkpoints import load_model
+from ddpm_jax.config import TrainConfig, validate
+from ddpm_jax.convert import to_torch_state
+from ddpm_jax.errors import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 # One small U-Net level: compiling dominates these tests, and TINY and TINY_FLAGS describe the same run so
@@ -37,7 +39,7 @@ TINY_FLAGS = [
 
 
 def _weights(path, ema=False):
-    return to_torch_state(load_model(path, ema=ema))
+    return to_torch_state(load_model(path, ema=ema)[0])
 
 
 def _max_diff(a, b):
@@ -114,7 +116,7 @@ def test_ema_follows_ema_pytorch_schedule():
     `initted` flag is unset, which its copy branch never sets), then min(beta, 1 - (1 + e)^(-2/3)) with
     e = s - ema_start; unchanged off update steps."""
     config = TrainConfig(ema_decay=0.995, ema_every=10, ema_start=100)
-    decay = lambda s: float(training.ema_decay(config, jnp.int32(s)))  # noqa: E731
+    decay = lambda s: float(train_state.ema_decay(config, jnp.int32(s)))  # noqa: E731
     assert decay(0) == 0.0 and decay(100) == 0.0 and decay(7) == 1.0 and decay(105) == 1.0
     assert decay(110) == 0.0 and decay(115) == 1.0
     assert decay(120) == pytest.approx(1 - 21 ** (-2 / 3))
@@ -123,15 +125,15 @@ def test_ema_follows_ema_pytorch_schedule():
 
 def test_changed_model_or_fewer_steps_on_resume_is_an_error(tiny_run, tmp_path):
     workdir = shutil.copytree(tiny_run[0], tmp_path / "run")  # TINY's checkpoint of step 8
-    with pytest.raises(training.TrainingError, match="--dim 8 -> 16"):
+    with pytest.raises(TrainingError, match="--dim 8 -> 16"):
         training.train(dataclasses.replace(TINY, dim=16), workdir, progress=False)
     saved = (workdir / "config.json").read_text()
-    with pytest.raises(training.TrainingError, match="--steps 1: .* checkpoint of step 8. Pass --steps 8 or more"):
+    with pytest.raises(TrainingError, match="--steps 1: .* checkpoint of step 8. Pass --steps 8 or more"):
         training.train(dataclasses.replace(TINY, steps=1), workdir, progress=False)
     assert (workdir / "config.json").read_text() == saved  # the run's config is not rewritten
     # The noise schedule defines what the model learns: changing it on resume is an error too.
     for change, message in [({"timesteps": 200}, "--timesteps 100 -> 200"), ({"schedule": "cosine"}, "linear -> cosine")]:
-        with pytest.raises(training.TrainingError, match=f"different model or noise schedule .*{message}"):
+        with pytest.raises(TrainingError, match=f"different model or noise schedule .*{message}"):
             training.train(dataclasses.replace(TINY, **change), workdir, progress=False)
     assert (workdir / "config.json").read_text() == saved
     # The loss, the batch size and the seed may change, with a warning.
@@ -143,40 +145,40 @@ def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         (tmp_path / ".lock").write_text(f"{other.pid} {socket.gethostname()}")
-        with pytest.raises(training.TrainingError, match=rf"in use by another run: process {other.pid} on .*sleep"):
+        with pytest.raises(TrainingError, match=rf"in use by another run: process {other.pid} on .*sleep"):
             training.train(TINY, tmp_path, progress=False)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing of the other run touched
     finally:
         other.kill()
         other.wait()
-    lock = training.lock_workdir(tmp_path)  # its process has ended: the lock is stale
+    lock = workdirs.lock(tmp_path)  # its process has ended: the lock is stale
     assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
-    training.unlock_workdir(lock)
+    workdirs.unlock(lock)
     assert not lock.exists()
 
 
 def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "run").write_text("")
-    assert training.main([*TINY_FLAGS, "--workdir", str(tmp_path / "run")]) == 2
+    assert cli.train_main([*TINY_FLAGS, "--workdir", str(tmp_path / "run")]) == 2
     assert f"--workdir {tmp_path / 'run'}: is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_ddpm_sampler_ignores_sampling_steps():
     """--sampling-steps is a DDIM setting: with --sampler ddpm, the default 100 may exceed a small --timesteps."""
-    training.check_config(dataclasses.replace(TINY, sampler="ddpm", timesteps=50, sampling_steps=100), 1)
+    validate(dataclasses.replace(TINY, sampler="ddpm", timesteps=50, sampling_steps=100), 1)
     with pytest.raises(ValueError, match="--sampling-steps 100: expected at most --timesteps"):
-        training.check_config(dataclasses.replace(TINY, sampler="ddim", timesteps=50, sampling_steps=100), 1)
+        validate(dataclasses.replace(TINY, sampler="ddim", timesteps=50, sampling_steps=100), 1)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
     workdir = shutil.copytree(tiny_run[0], tmp_path / "run")  # TINY's checkpoints of steps 4 and 8
     good = _weights(workdir)
     exploding = dataclasses.replace(TINY, steps=40, save_every=2, lr=1e12, weight_decay=0.0)
-    with pytest.raises(training.TrainingError, match=r"non-finite loss at step \d+; .* \(step 8\)"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+; .* \(step 8\)"):
         training.train(exploding, workdir, progress=False)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
     assert _max_diff(good, _weights(workdir)) == 0.0
-    with pytest.raises(training.TrainingError, match="non-finite loss at step .* No checkpoint had been saved yet"):
+    with pytest.raises(TrainingError, match="non-finite loss at step .* No checkpoint had been saved yet"):
         training.train(dataclasses.replace(exploding, save_every=100), tmp_path / "fresh", progress=False)
 
 
@@ -197,7 +199,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
 )
 def test_bad_config_is_a_clear_error(tmp_path, capsys, flags, message):
     try:  # in this process: each case stops before anything compiles
-        code = training.main([*TINY_FLAGS, "--workdir", str(tmp_path), *flags])
+        code = cli.train_main([*TINY_FLAGS, "--workdir", str(tmp_path), *flags])
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
@@ -281,7 +283,7 @@ def test_bf16_trains_finite(tmp_path):
     state = training.train(config, tmp_path, progress=False)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    model = load_model(tmp_path, dtype=jnp.bfloat16)
+    model, _ = load_model(tmp_path, dtype=jnp.bfloat16)
     assert jax.eval_shape(lambda x, t: model(x, t), jnp.zeros((1, 16, 16, 3)), jnp.array([5])).dtype == jnp.bfloat16
 
 
@@ -289,7 +291,7 @@ def test_bf16_trains_finite(tmp_path):
 def test_cpu_cores_become_devices_unless_the_user_chose(batch_size):
     cores = len(os.sched_getaffinity(0))
     expected = max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
-    code = ("import jax; from ddpm_jax.training import use_cpu_cores_as_devices as u; "
+    code = ("import jax; from ddpm_jax.runtime import use_cpu_cores_as_devices as u; "
             f"r = u({batch_size}); print(r, jax.device_count())")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -37,15 +37,11 @@ Two entry points:
 
 Not supported through the custom VJPs: forward-mode differentiation (`jax.jvp`, `jax.jacfwd`); use
 `impl="lax"` for that.
-
-The module also holds `training_compiler_options()`, the XLA:CPU compile options of programs that
-differentiate the model, which route its dense convolutions (see there).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -55,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IMPLS", "conv_general_dilated", "depthwise_conv2d", "training_compiler_options", "use_impl"]
+__all__ = ["IMPLS", "conv_general_dilated", "depthwise_conv2d", "use_impl"]
 
 IMPLS = ("shift", "lax", "swap", "taps")
 # Measured fastest per lowering platform ("cpu", "cuda", "rocm", "tpu"); a platform not listed uses "lax".
@@ -354,41 +350,3 @@ if os.environ.get("DDPM_JAX_DEPTHWISE"):
         raise ValueError(f"DDPM_JAX_DEPTHWISE={os.environ['DDPM_JAX_DEPTHWISE']!r}: expected one of {IMPLS}")
     _forced[0] = os.environ["DDPM_JAX_DEPTHWISE"]
 
-
-# XLA:CPU hands dense convolutions to YNNPACK by default. Through XLA's Eigen convolution instead (oneDNN's
-# sgemm inside) the default U-Net's dense convolutions with both gradients took 274 ms per device and step
-# against 368 ms on a 2-core Intel Xeon (benchmarks/conv_paths.py), 3-7% of the whole train step in
-# alternating runs; forward-only programs (the sampler) were 4-6% slower that way, so they keep XLA's
-# default. Dots and reductions stay with YNNPACK. docs/performance.md has the measurements.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-# With one JAX device per core every device is busy at once: Eigen's own threads would only contend.
-_ONE_THREAD_PER_DEVICE = {"xla_cpu_multi_thread_eigen": False}
-
-
-@functools.cache
-def training_compiler_options() -> dict:
-    """Options for `jax.jit(..., compiler_options=...)` of a program that differentiates the model.
-
-    On CPU: dense convolutions through XLA's Eigen path, and single-threaded Eigen when there is one JAX
-    device per core (`training.use_cpu_cores_as_devices`). Elsewhere, or on a jaxlib that does not know
-    these options, none. Call it after JAX's backends are set up (it queries them)."""
-    if jax.default_backend() != "cpu":
-        return {}
-    options = dict(_CPU_OPTIONS)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if jax.local_device_count() >= cores > 1:
-        options.update(_ONE_THREAD_PER_DEVICE)
-    try:  # an option this jaxlib does not know is an error at compile time: drop them all then
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
-    except jax.errors.JaxRuntimeError:
-        return {}
-    return options
-
-
-def run_once_compiler_options() -> dict:
-    """Options for `jax.jit(..., compiler_options=...)` of a program that runs once, such as the model's random
-    initialisation. XLA:CPU spends most of such a compile optimising machine code that will run for
-    milliseconds: without LLVM's optimisations the default preset's initialisation compiles in 18 s instead of
-    31 s on a 2-core Intel Xeon (the tests' tiny U-Net: 5 s instead of 15 s). Results can differ from the
-    optimised program's by float32 rounding (a relative 3e-7 at most, measured). Elsewhere, none."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}

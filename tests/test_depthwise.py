@@ -1,4 +1,4 @@
-"""ddpm_jax.ops: every depthwise formulation, forced on the CPU, against lax.conv_general_dilated(feature_group_count=C).
+"""ddpm_jax.depthwise: every depthwise formulation, forced on the CPU, against lax.conv_general_dilated(feature_group_count=C).
 
 Tolerances are the project's: forward and input gradient max-abs <= 1e-5 on unit-scale inputs; the kernel
 gradient, a sum over B*H*W products and so O(sqrt(B*H*W)) in size, is held to 1e-5 of its largest entry
@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from ddpm_jax import ops
+from ddpm_jax import depthwise
 
 TOL = 1e-5
 
@@ -66,7 +66,7 @@ def finite(*arrays):
 @pytest.mark.parametrize("shape,k,padding", CASES)
 def test_forward_and_gradients_match_lax(shape, k, padding, impl):
     x, kernel = inputs(shape, k)
-    pads = ops._pads(padding, x.shape, kernel.shape)
+    pads = depthwise._pads(padding, x.shape, kernel.shape)
 
     def ref(x, kernel):
         return lax.conv_general_dilated(
@@ -76,7 +76,7 @@ def test_forward_and_gradients_match_lax(shape, k, padding, impl):
 
     out_shape = jax.eval_shape(ref, x, kernel).shape
     cotangent = np.random.default_rng(1).standard_normal(out_shape, dtype=np.float32)
-    y, dx, dk = output_and_grads(lambda x, kernel: ops.depthwise_conv2d(x, kernel, padding, impl=impl))(
+    y, dx, dk = output_and_grads(lambda x, kernel: depthwise.depthwise_conv2d(x, kernel, padding, impl=impl))(
         x, kernel, cotangent
     )
     y_ref, dx_ref, dk_ref = output_and_grads(ref)(x, kernel, cotangent)
@@ -88,24 +88,24 @@ def test_forward_and_gradients_match_lax(shape, k, padding, impl):
 
 
 def test_pads():
-    assert ops._pads(3, (2, 8, 8, 4), (7, 7, 1, 4)) == ((3, 3), (3, 3))
-    assert ops._pads("SAME", (2, 8, 8, 4), (7, 7, 1, 4)) == ((3, 3), (3, 3))
-    assert ops._pads("VALID", (2, 8, 8, 4), (3, 3, 1, 4)) == ((0, 0), (0, 0))
-    assert ops._pads([(0, 2), (1, 1)], (2, 8, 8, 4), (3, 3, 1, 4)) == ((0, 2), (1, 1))
+    assert depthwise._pads(3, (2, 8, 8, 4), (7, 7, 1, 4)) == ((3, 3), (3, 3))
+    assert depthwise._pads("SAME", (2, 8, 8, 4), (7, 7, 1, 4)) == ((3, 3), (3, 3))
+    assert depthwise._pads("VALID", (2, 8, 8, 4), (3, 3, 1, 4)) == ((0, 0), (0, 0))
+    assert depthwise._pads([(0, 2), (1, 1)], (2, 8, 8, 4), (3, 3, 1, 4)) == ((0, 2), (1, 1))
 
 
 def test_use_impl_forces_a_formulation_where_auto_would_choose():
     x, kernel = inputs((2, 8, 8, 4), 7)
 
     def jaxpr(impl):
-        with ops.use_impl(impl):
-            return str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(ops.depthwise_conv2d(x, k, 3))))(kernel))
+        with depthwise.use_impl(impl):
+            return str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(depthwise.depthwise_conv2d(x, k, 3))))(kernel))
 
     auto, forced = jaxpr(None), jaxpr("taps")
     assert "platform_index" in auto and "platform_index" not in forced
     assert "dot_general" in forced and "dot_general" not in auto
     with pytest.raises(ValueError, match="one of"):
-        with ops.use_impl("cudnn"):
+        with depthwise.use_impl("cudnn"):
             pass
 
 
@@ -113,14 +113,14 @@ def test_an_unknown_impl_in_the_environment_is_a_clear_error():
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", "import ddpm_jax.ops"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", "import ddpm_jax.depthwise"], capture_output=True, text=True,
                          env={**__import__("os").environ, "DDPM_JAX_DEPTHWISE": "cudnn"})
     assert run.returncode != 0 and "DDPM_JAX_DEPTHWISE='cudnn': expected one of" in run.stderr
 
 
 def test_auto_uses_the_shift_op_on_cpu():
     x, kernel = inputs((2, 8, 8, 4), 7)
-    grads = jax.jit(jax.grad(lambda x, kernel: jnp.sum(ops.depthwise_conv2d(x, kernel, 3) ** 2), argnums=(0, 1)))
+    grads = jax.jit(jax.grad(lambda x, kernel: jnp.sum(depthwise.depthwise_conv2d(x, kernel, 3) ** 2), argnums=(0, 1)))
     compiled = grads.lower(x, kernel).compile()
     assert compiled(x, kernel)[1].shape == kernel.shape
     if jax.default_backend() == "cpu":
@@ -130,18 +130,18 @@ def test_auto_uses_the_shift_op_on_cpu():
 def test_bfloat16_runs_and_is_close():
     x, kernel = inputs((2, 8, 8, 8), 7)
     xb, kb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
-    y, dx, dk = output_and_grads(lambda x, kernel: ops.depthwise_conv2d(x, kernel, 3))(xb, kb, xb)
+    y, dx, dk = output_and_grads(lambda x, kernel: depthwise.depthwise_conv2d(x, kernel, 3))(xb, kb, xb)
     assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16,) * 3
     assert finite(y, dx, dk)
-    y_ref, _, _ = output_and_grads(lambda x, kernel: ops.depthwise_conv2d(x, kernel, 3, impl="lax"))(
+    y_ref, _, _ = output_and_grads(lambda x, kernel: depthwise.depthwise_conv2d(x, kernel, 3, impl="lax"))(
         np.asarray(xb, np.float32), np.asarray(kb, np.float32), x
     )
     assert rel(y, y_ref) <= 1e-2
     # bf16 activations with float32 parameters promote; a float32 result on request.
     out = jax.eval_shape(
         lambda xb, kernel, kb: (
-            ops.depthwise_conv2d(xb, kernel, 3),
-            ops.depthwise_conv2d(xb, kb, 3, preferred_element_type=jnp.float32),
+            depthwise.depthwise_conv2d(xb, kernel, 3),
+            depthwise.depthwise_conv2d(xb, kb, 3, preferred_element_type=jnp.float32),
         ),
         xb, kernel, kb,
     )
@@ -149,7 +149,7 @@ def test_bfloat16_runs_and_is_close():
 
 
 def conv_pair(c, k, padding, groups, dtype=None, **kw):
-    """Two nnx.Conv with the same (numpy-made) parameters, the second given ops.conv_general_dilated."""
+    """Two nnx.Conv with the same (numpy-made) parameters, the second given depthwise.conv_general_dilated."""
 
     def make(**extra):
         return nnx.eval_shape(
@@ -158,7 +158,7 @@ def conv_pair(c, k, padding, groups, dtype=None, **kw):
             )
         )
 
-    plain, fast = make(), make(conv_general_dilated=ops.conv_general_dilated)
+    plain, fast = make(), make(conv_general_dilated=depthwise.conv_general_dilated)
     rng = np.random.default_rng(2)
     kernel = (rng.uniform(-1.0, 1.0, (k, k, c // groups, c)) / k).astype(np.float32)
     bias = (rng.uniform(-1.0, 1.0, (c,)) / k).astype(np.float32)
@@ -205,52 +205,3 @@ def test_nnx_conv_adapter_routes_only_depthwise_stride_1(groups, kw):
         assert "custom_vjp_call" in jaxpr and "platform_index" in jaxpr
     else:
         assert jaxpr == jaxpr_ref
-
-
-def _conv_grad_hlo(**jit_kwargs):
-    x, w = np.ones((2, 8, 8, 16), np.float32), np.ones((3, 3, 16, 32), np.float32)
-
-    def loss(x, w):
-        return jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1)), **jit_kwargs).lower(x, w).compile().as_text()
-
-
-@pytest.fixture
-def fresh_options():
-    """training_compiler_options is cached per process: recompute it here, and forget what the test saw."""
-    ops.training_compiler_options.cache_clear()
-    yield
-    ops.training_compiler_options.cache_clear()
-
-
-def test_training_options_take_dense_convolutions_off_ynnpack(monkeypatch, fresh_options):
-    options = ops.training_compiler_options()
-    assert "xla_cpu_experimental_ynn_fusion_type" in options
-    assert "__ynn" in _conv_grad_hlo() and "__ynn" not in _conv_grad_hlo(compiler_options=options)
-
-    # One JAX device per core: Eigen single-threaded as well.
-    monkeypatch.setattr(jax, "local_device_count", lambda: 2)
-    monkeypatch.setattr(ops.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
-    ops.training_compiler_options.cache_clear()
-    assert ops.training_compiler_options()["xla_cpu_multi_thread_eigen"] is False
-
-    # A jaxlib that does not know an option gets none rather than a failed compile.
-    monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
-    ops.training_compiler_options.cache_clear()
-    assert ops.training_compiler_options() == {}
-
-
-def test_run_once_options_keep_the_initialisation_up_to_float32_rounding():
-    """Initialisers compiled without LLVM's optimisations: the same weights up to float32 rounding (a few ulps)."""
-    def init():
-        rngs = nnx.Rngs(3)
-        layers = [nnx.Conv(16, 32, (3, 3), rngs=rngs), nnx.Linear(32, 64, rngs=rngs), nnx.Conv(4, 4, (7, 7), rngs=rngs)]
-        return [p for p in jax.tree.leaves(nnx.state(layers, nnx.Param)) if p.ndim > 1]  # the random ones
-
-    assert ops.run_once_compiler_options() == {"xla_backend_optimization_level": 0}  # on this CPU
-    quick = jax.jit(init, compiler_options=ops.run_once_compiler_options())()
-    optimised = jax.jit(init)()
-    for q, o in zip(quick, optimised, strict=True):
-        assert q.dtype == o.dtype == jnp.float32 and np.abs(np.asarray(o)).max() > 0
-        np.testing.assert_allclose(q, o, rtol=1e-6, atol=0)

@@ -1,0 +1,157 @@
+"""Images as arrays and files: the float -> uint8 conversion, PNG grids and single PNGs, and the loader of an
+image set named on a command line (a folder, a .npz file, or the embedded dataset)."""
+
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ddpm_jax import data
+
+FLOAT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
+_UNDERSHOOT = 0.05  # of the range's width: float values this far outside it are clipped, further is an error
+
+
+def to_uint8(images: np.ndarray, name: str = "images", float_range: str = "0,1") -> np.ndarray:
+    """(N,H,W,3) or (N,3,H,W) array -> uint8 (N,H,W,3).
+
+    Layout: NHWC if the last axis has 3 entries, else NCHW if axis 1 has 3 entries.
+    Values: integer dtypes must lie in [0, 255] and are kept. Floats are read in `float_range` ("0,1" or "-1,1")
+    and mapped linearly to 0..255. A sampler's small overshoot (up to 5% of the range's width) is clipped;
+    values further out are an error that names the other range, never a guess.
+    """
+    x = np.asarray(images)
+    if x.ndim != 4 or 3 not in (x.shape[-1], x.shape[1]):
+        raise ValueError(f"{name}: expected shape (N,H,W,3) or (N,3,H,W), got {x.shape}")
+    return _pixels(x if x.shape[-1] == 3 else x.transpose(0, 2, 3, 1), name, float_range)
+
+
+def _pixels(x: np.ndarray, name: str, float_range: str) -> np.ndarray:
+    """`to_uint8`'s value mapping, for an array of any shape."""
+    if float_range not in FLOAT_RANGES:
+        raise ValueError(f"float range {float_range!r}: expected one of {list(FLOAT_RANGES)}")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if x.size == 0:
+        raise ValueError(f"{name}: no images (shape {x.shape})")
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name}: integer values must lie in [0, 255], got [{lo}, {hi}]")
+        return x.astype(np.uint8)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains nan or inf")
+    bottom, top = FLOAT_RANGES[float_range]
+    slack = _UNDERSHOOT * (top - bottom)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < bottom - slack or hi > top + slack:
+        other = next(r for r in FLOAT_RANGES if r != float_range)
+        raise ValueError(f"{name}: float values span [{lo:.4g}, {hi:.4g}], outside [{float_range}] by more than "
+                         f"{_UNDERSHOOT:.0%} of it; if they are in [{other}], say so (--float-range={other})")
+    scaled = (x.astype(np.float64) - bottom) * (255.0 / (top - bottom))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _load_npz(path: str, float_range: str) -> np.ndarray:
+    # np.load reads anything that is neither a zip (.npz) nor a .npy as a pickle, and with
+    # allow_pickle=False blames "pickled (object) data" even for a text file.
+    with open(path, "rb") as f:
+        npy = f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+    if not (npy or zipfile.is_zipfile(path)):
+        raise ValueError(f"{path}: is not a valid .npz file (neither a zip archive of arrays nor a .npy array)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a .npy saved under a .npz name
+            key, array = "array", loaded
+        else:
+            with loaded:
+                if not loaded.files:
+                    raise ValueError("it holds no arrays")
+                key = "images" if "images" in loaded.files else loaded.files[0]
+                array = loaded[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read as .npz of images ({e})") from e
+    return to_uint8(array, name=f"{path}[{key!r}]", float_range=float_range)
+
+
+def load_images(spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0,
+                float_range: str = "0,1", strict: bool = False) -> np.ndarray:
+    """Images named by `spec` as uint8 (N, S, S, 3).
+
+    spec: an image folder (ddpm_jax.data.load_image_folder with `strict`, resized to `image_size`; None: the
+    size its images share, an error if they differ), a .npz file
+    (the array under key "images", else the first array; converted by `to_uint8` with `float_range`; its size
+    must equal `image_size` when given), or "embedded" (ddpm_jax.data.embedded_dataset with
+    `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px).
+    num: keep at most the first `num` images (folders and .npz).
+    """
+    if num is not None and num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if spec == data.EMBEDDED_NAME:
+        return data.embedded_dataset(
+            num_images=2048 if num is None else num,
+            image_size=32 if image_size is None else image_size,
+            seed=embedded_seed,
+        )
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec}: no such file or folder; expected an image folder, a .npz file or 'embedded'")
+    if os.path.isdir(spec):
+        images = data.load_image_folder(spec, _common_size(spec) if image_size is None else image_size, strict=strict)
+    elif spec.endswith(".npz"):
+        images = _load_npz(spec, float_range)
+        if image_size is not None and images.shape[1:3] != (image_size, image_size):
+            raise ValueError(
+                f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected {image_size}x{image_size} "
+                "(image_size); .npz files are not resized"
+            )
+    else:
+        raise ValueError(f"{spec}: expected an image folder, a .npz file or 'embedded'")
+    return images[:num] if num is not None else images
+
+
+def _common_size(folder: str) -> int:
+    """The side of the square images of `folder` when they all have one size (read from the headers)."""
+    from PIL import Image
+
+    sizes = set()
+    for path in data.list_images(Path(folder))[0]:
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except OSError:
+            continue  # load_image_folder reports unreadable files
+    if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:
+        return next(iter(sizes))[0]
+    seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) or "none readable"
+    raise ValueError(f"{folder}: its images are not all one square size ({seen}); "
+                     f"pass --image-size to resize them to one")
+
+
+def save_grid(images_BHWC: np.ndarray, path: Path) -> None:
+    """A square-ish grid PNG of float images in [0, 1] (values outside are clipped); grayscale for one channel."""
+    from PIL import Image
+
+    pixels = _pixels(np.clip(images_BHWC, 0, 1), str(path), "0,1")
+    n, h, w, c = pixels.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+def save_images(images_BHWC: np.ndarray, folder: Path) -> None:
+    """Each float image in [0, 1] (clipped) as <folder>/000000.png, 000001.png, ..."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(_pixels(np.clip(images_BHWC, 0, 1), str(folder), "0,1")):
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(folder / f"{i:06d}.png")
