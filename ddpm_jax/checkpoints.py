@@ -54,11 +54,33 @@ def _not_our_wait(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Waiting for previous save to complete")
 
 
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Orbax's PyTree handler for each item, with one replica writing each array. By default Orbax splits the
+    writing of a replicated array over its replicas on a CPU, with one eager slice per array and replica: with
+    one JAX device per core on 2 cores, a save of the tests' small U-Net took 3.0 s that way and 1.25 s without
+    (profiled on a 2-core Intel Xeon). The files are the same either way."""
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, arrays), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (np.number, ocp.type_handlers.ScalarHandler()), (int, ocp.type_handlers.ScalarHandler()),
+        (float, ocp.type_handlers.ScalarHandler())))
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in ITEMS:
+        registry.add(item, ocp.args.PyTreeSave, handler)
+        registry.add(item, ocp.args.PyTreeRestore, handler)
+    return registry
+
+
 def manager(workdir: Path, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
     """The Orbax manager of `workdir`'s checkpoints, keeping the newest `keep` (None: all)."""
     logging.getLogger("absl").addFilter(_not_our_wait)  # idempotent: a logger keeps one copy of a filter
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, read_only=not create)
-    return ocp.CheckpointManager(Path(workdir).absolute() / workdirs.CHECKPOINTS, options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(Path(workdir).absolute() / workdirs.CHECKPOINTS, options=options,
+                                 handler_registry=_handlers())
+
+
+def _restore_args(abstract) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def save(checkpoints: ocp.CheckpointManager, state: TrainState) -> None:
@@ -66,9 +88,9 @@ def save(checkpoints: ocp.CheckpointManager, state: TrainState) -> None:
     checkpoints.save(
         int(state.step),
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
-            ema=ocp.args.StandardSave(nnx.to_pure_dict(state.ema)),
-            opt_state=ocp.args.StandardSave(state.opt_state),
+            params=ocp.args.PyTreeSave(nnx.to_pure_dict(state.params)),
+            ema=ocp.args.PyTreeSave(nnx.to_pure_dict(state.ema)),
+            opt_state=ocp.args.PyTreeSave(state.opt_state),
         ),
     )
     checkpoints.wait_until_finished()
@@ -79,9 +101,9 @@ def restore(checkpoints: ocp.CheckpointManager, abstract: TrainState, step: int)
     restored = checkpoints.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract.params)),
-            ema=ocp.args.StandardRestore(_abstract(abstract.ema)),
-            opt_state=ocp.args.StandardRestore(_abstract(abstract.opt_state)),
+            params=_restore_args(_abstract(abstract.params)),
+            ema=_restore_args(_abstract(abstract.ema)),
+            opt_state=_restore_args(_abstract(abstract.opt_state)),
         ),
     )
     # The step counter gets the sharding the train step returns, or its second call would compile again.
@@ -148,8 +170,7 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
 
     def read(abstract):
         with manager(workdir, create=False) as checkpoints:
-            restored = checkpoints.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
-            return restored[item]
+            return checkpoints.restore(step, args=ocp.args.Composite(**{item: _restore_args(abstract)}))[item]
 
     return _restore_params(build_model(config, dtype=dtype), read, f"{workdir} (step {step})"), config
 
