@@ -1,10 +1,26 @@
-"""Shared set-up of the non-parity tests: one persistent XLA cache per session, shared with subprocesses."""
+"""Shared set-up of the non-parity tests: one persistent XLA cache per session, shared with subprocesses, and
+one tiny training run that the trainer's tests start from."""
 
 import os
 
 import pytest
 
+from ddpm_jax import training
+from ddpm_jax.config import TrainConfig
 from ddpm_jax.runtime import enable_compilation_cache
+
+# One small U-Net level: compiling dominates these tests, and TINY and TINY_FLAGS describe the same run so
+# that every test and subprocess reuses the programs in the session's compilation cache.
+TINY = TrainConfig(
+    model="OneResUNet", dim=8, dim_mults=(1,), image_size=16, batch_size=4, steps=8, warmup_steps=2,
+    save_every=4, sample_every=1000, sampling_steps=2, num_samples=4, log_every=2, embedded_size=32,
+    timesteps=100,
+)
+TINY_FLAGS = [
+    "--model", "OneResUNet", "--dim", "8", "--dim-mults", "1", "--image-size", "16", "--batch-size", "4",
+    "--warmup-steps", "2", "--save-every", "4", "--sample-every", "1000", "--sampling-steps", "2",
+    "--num-samples", "4", "--log-every", "2", "--embedded-size", "32", "--timesteps", "100", "--no-progress",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,3 +31,11 @@ def compilation_cache(tmp_path_factory):
     os.environ["DDPM_JAX_COMPILATION_CACHE"] = path
     enable_compilation_cache()
     yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """TINY trained in one go on one device, in this process: (workdir, final state), with the checkpoints of
+    steps 4 and 8. Tests copy the workdir."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    return workdir, training.train(TINY, workdir, progress=False)

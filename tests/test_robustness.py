@@ -14,22 +14,21 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from ddpm_jax import cli, training
+from ddpm_jax import cli
 from ddpm_jax.convert import ConversionError
 from ddpm_jax.data import DataError
-from test_training import ROOT, TINY, TINY_FLAGS, _max_diff, _run, _weights
+from conftest import TINY_FLAGS
+from test_training import ROOT, _max_diff, _run, _weights
 
 # Orbax writes a checkpoint into <step>.orbax-checkpoint-tmp[-<n>]/ and renames it to <step>/ once complete.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_run, tmp_path_factory):
     """A workdir holding TINY's complete checkpoint at step 4, as a run killed right after writing it leaves it
-    (TINY run whole and cut back: its programs are compiled once for the suite); the tests below start from
-    copies of it."""
-    workdir = tmp_path_factory.mktemp("trained")
-    training.train(TINY, workdir, progress=False)
+    (the session's TINY run, cut back); the tests below start from copies of it."""
+    workdir = shutil.copytree(tiny_run[0], tmp_path_factory.mktemp("trained") / "run")
     shutil.rmtree(workdir / "checkpoints" / "8")
     (workdir / "samples" / "step_000008.png").unlink()
     metrics = workdir / "metrics.jsonl"

@@ -22,22 +22,9 @@ from ddpm_jax.checkpoints import load_model
 from ddpm_jax.config import TrainConfig, validate
 from ddpm_jax.convert import to_torch_state
 from ddpm_jax.errors import TrainingError
+from conftest import TINY, TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-# One small U-Net level: compiling dominates these tests, and TINY and TINY_FLAGS describe the same run so
-# that every test and subprocess reuses the programs in the session's compilation cache.
-TINY = TrainConfig(
-    model="OneResUNet", dim=8, dim_mults=(1,), image_size=16, batch_size=4, steps=8, warmup_steps=2,
-    save_every=4, sample_every=1000, sampling_steps=2, num_samples=4, log_every=2, embedded_size=32,
-    timesteps=100,
-)
-TINY_FLAGS = [
-    "--model", "OneResUNet", "--dim", "8", "--dim-mults", "1", "--image-size", "16", "--batch-size", "4",
-    "--warmup-steps", "2", "--save-every", "4", "--sample-every", "1000", "--sampling-steps", "2",
-    "--num-samples", "4", "--log-every", "2", "--embedded-size", "32", "--timesteps", "100", "--no-progress",
-]
-
-
 def _weights(path, ema=False):
     return to_torch_state(load_model(path, ema=ema)[0])
 
@@ -62,13 +49,6 @@ def _assert_same_state(a, b):
     worst = max(differing, key=differing.get, default=None)
     assert not differing, (f"{len(differing)} of {len(diffs)} arrays differ; the largest absolute difference is "
                            f"{differing[worst]:.3e}, in {worst}")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """TINY trained in one go on one device, in this process: (workdir, final state). Tests copy the workdir."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    return workdir, training.train(TINY, workdir, progress=False)
 
 
 def test_resume_is_bit_exact(tiny_run, tmp_path):
@@ -258,7 +238,9 @@ def test_two_devices_and_two_processes_match_one_device(tiny_run, tmp_path):
 
 
 def test_sigterm_saves_then_exits_143_and_resume_finishes(tmp_path):
-    flags = [*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", "100000", "--save-every", "100000"]
+    # A constant learning rate: --steps then stays out of the program, and the resumed run reuses the compiled one.
+    flags = [*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", "100000", "--save-every", "100000", "--lr-decay",
+             "constant"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -271,7 +253,7 @@ def test_sigterm_saves_then_exits_143_and_resume_finishes(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err  # as a shell reports it: `train.py && ...` stops
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 4 and f"stopped by SIGTERM at step {saved[0]}" in err
-    resumed = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", str(saved[0] + 2)])
+    resumed = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", str(saved[0] + 2), "--lr-decay", "constant"])
     assert resumed.returncode == 0, resumed.stderr
     # Without a progress bar the run still says where its results are.
     assert f"done: step {saved[0] + 2}; samples in {tmp_path / 'samples'}" in resumed.stdout
