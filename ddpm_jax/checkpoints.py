@@ -149,10 +149,10 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
 
         state = convert.unet_state_from_checkpoint(convert.read_torch_file(path), ema=ema, source=str(path))
         config = convert.infer_config(state, str(path))  # a torch file cannot hold the time embedding's theta
-        return convert.load_torch_state(_unfilled_model(config, dtype), state, str(path)), config
+        return convert.load_torch_state(build_model(config, dtype=dtype), state, str(path)), config
     if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():
         config = read_model_config(path)
-        model = _unfilled_model(config, dtype)
+        model = build_model(config, dtype=dtype)
         return _restore_params(model, lambda a: _read_model_dir(path / PARAMS_DIR, a), str(path)), config
     step_folder = path.name.isdigit() and path.parent.name == workdirs.CHECKPOINTS
     workdir = path.parent.parent if step_folder else path
@@ -172,13 +172,7 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
         with manager(workdir, create=False) as checkpoints:
             return checkpoints.restore(step, args=ocp.args.Composite(**{item: _restore_args(abstract)}))[item]
 
-    return _restore_params(_unfilled_model(config, dtype), read, f"{workdir} (step {step})"), config
-
-
-def _unfilled_model(config: ModelConfig, dtype) -> nnx.Module:
-    """The U-Net with shapes in place of its parameters (`nnx.eval_shape`), for a loader to fill: drawing random
-    weights only to overwrite them cost 3 s per model on a 2-core CPU, op by op."""
-    return nnx.eval_shape(lambda: build_model(config, dtype=dtype))
+    return _restore_params(build_model(config, dtype=dtype), read, f"{workdir} (step {step})"), config
 
 
 def _read_model_dir(params_dir: Path, abstract):

@@ -4,7 +4,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.use_deterministic_algorithms(True)
@@ -27,8 +26,7 @@ def torch_and_flax(variant: str, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     torch_model = ddpm_torch.UNETS[variant](**kwargs)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    # The Flax U-Net's shapes only (nnx.eval_shape), then the converted weights: no random ones drawn to be overwritten.
-    flax_model = load_torch_state(nnx.eval_shape(lambda: build_model(infer_config(state))), state)
+    flax_model = load_torch_state(build_model(infer_config(state)), state)
     return torch_model, flax_model
 
 
