@@ -1,7 +1,7 @@
 """The one reader and writer of the project's weights on disk: a run's Orbax checkpoints, model directories,
 and `load_model`, which reads every format a user may hold (torch files through convert.py).
 
-    <workdir>/checkpoints/<step>/{params,ema,opt_state}   a training run's state (workdir.py has the layout)
+    <workdir>/checkpoints/<step>/{params,ema,opt_state}   a training run's state (workdirs.py has the layout)
     <model dir>/model.json + params/                     one model: its ModelConfig and its parameters
 
 Orbax writes each step to a temporary folder and renames it when complete, so a kill mid-write leaves the
@@ -48,18 +48,23 @@ def _filled(template: nnx.State, values) -> nnx.State:
 # A training run's state.
 
 
-def _not_our_wait(record: logging.LogRecord) -> bool:
-    """Orbax files the time of our own blocking `wait_until_finished()` after a save under the next save,
-    as "Waiting for previous save to complete took ... consider checkpointing less frequently": drop it."""
-    return not str(record.msg).startswith("Waiting for previous save to complete")
+# Orbax's log lines that say nothing to our users: the time of our own blocking `wait_until_finished()` after a
+# save, which Orbax files under the next save ("... consider checkpointing less frequently"), and the notes of a
+# manager that only reads (load_model's).
+_QUIET = ("Waiting for previous save to complete", "CheckpointManagerOptions.read_only=True",
+          "Given directory is read only")
+
+
+def _not_for_users(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_QUIET)
 
 
 def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    """Orbax's PyTree handler for each item, with one replica writing each array. By default Orbax splits the
-    writing of a replicated array over its replicas on a CPU, with one eager slice per array and replica: with
+    """Orbax's PyTree handler for each item; on a CPU, one replica writes each array. There Orbax by default
+    splits the writing of a replicated array over its replicas, with one eager slice per array and replica: with
     one JAX device per core on 2 cores, a save of the tests' small U-Net took 3.0 s that way and 1.25 s without
-    (profiled on a 2-core Intel Xeon). The files are the same either way."""
-    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    (profiled on a 2-core Intel Xeon). The files are the same either way. Elsewhere Orbax's default stays."""
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False if jax.default_backend() == "cpu" else None)
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=ocp.type_handlers.create_type_handler_registry(
         (jax.Array, arrays), (np.ndarray, ocp.type_handlers.NumpyHandler()),
         (np.number, ocp.type_handlers.ScalarHandler()), (int, ocp.type_handlers.ScalarHandler()),
@@ -73,7 +78,7 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 def manager(workdir: Path, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
     """The Orbax manager of `workdir`'s checkpoints, keeping the newest `keep` (None: all)."""
-    logging.getLogger("absl").addFilter(_not_our_wait)  # idempotent: a logger keeps one copy of a filter
+    logging.getLogger("absl").addFilter(_not_for_users)  # idempotent: a logger keeps one copy of a filter
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, read_only=not create)
     return ocp.CheckpointManager(Path(workdir).absolute() / workdirs.CHECKPOINTS, options=options,
                                  handler_registry=_handlers())
@@ -172,7 +177,7 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
         with manager(workdir, create=False) as checkpoints:
             return checkpoints.restore(step, args=ocp.args.Composite(**{item: _restore_args(abstract)}))[item]
 
-    return _restore_params(build_model(config, dtype=dtype), read, f"{workdir} (step {step})"), config
+    return _restore_params(build_model(config, dtype=dtype), read, f"{workdir} (step {step}, {item})"), config
 
 
 def _read_model_dir(params_dir: Path, abstract):

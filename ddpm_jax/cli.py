@@ -7,8 +7,7 @@ the exit code says what kind it was:
     1  a run that could not go on (errors.TrainingError: a non-finite loss, a failed save, a busy workdir)
     2  bad input: a flag, a file, a config (ValueError, OSError; argparse's own usage errors too)
     128 + N  stopped by signal N after saving a checkpoint, as a shell reports a process that N ended
-Warnings print as one line, `warning: <message>`. Heavy modules are imported inside the commands, so that
-`--help` answers at once.
+Warnings print as one line, `warning: <message>`. Each command imports the modules it needs when it runs.
 """
 
 import argparse

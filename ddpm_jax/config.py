@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpm_jax import diffusion
+from ddpm_jax.data import EMBEDDED_NAME
 from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
 
 VARIANTS = ("OneResUNet", "TwoResUNet", "AttentionUNet")
@@ -161,10 +162,12 @@ def validate(config: TrainConfig, num_devices: int) -> Schedule:
         if not ok:
             raise ValueError(f"--{field.replace('_', '-')} {getattr(config, field)}: expected {expected}")
 
+    need(config.data == EMBEDDED_NAME or Path(config.data).is_dir(), "data",
+         f"an image folder, or {EMBEDDED_NAME!r} for the built-in tiles")
     for field, allowed in CHOICES.items():
         need(getattr(config, field) in allowed, field, f"one of {list(allowed)}")
-    def kind(field):
-        return "integer" if isinstance(getattr(config, field), int) else "number"
+    def kind(field):  # of the field's declared type, not of the value given
+        return "integer" if isinstance(getattr(TrainConfig, field), int) else "number"
 
     for field in POSITIVE:
         need(getattr(config, field) > 0, field, f"a positive {kind(field)}")

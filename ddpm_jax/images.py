@@ -131,11 +131,17 @@ def _common_size(folder: str) -> int:
                      f"pass --image-size to resize them to one")
 
 
+def _clipped(images: np.ndarray) -> np.ndarray:
+    """Float samples made writable as pixels: clipped to [0, 1], and nan (a diverged model's) written as 0 so that
+    a run's grid never stops the run; the loss check reports the divergence."""
+    return np.nan_to_num(np.clip(images, 0, 1), nan=0.0)
+
+
 def save_grid(images_BHWC: np.ndarray, path: Path) -> None:
-    """A square-ish grid PNG of float images in [0, 1] (values outside are clipped); grayscale for one channel."""
+    """A square-ish grid PNG of float images in [0, 1] (`_clipped`); grayscale for one channel."""
     from PIL import Image
 
-    pixels = _pixels(np.clip(images_BHWC, 0, 1), str(path), "0,1")
+    pixels = _pixels(_clipped(images_BHWC), str(path), "0,1")
     n, h, w, c = pixels.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -148,10 +154,10 @@ def save_grid(images_BHWC: np.ndarray, path: Path) -> None:
 
 
 def save_images(images_BHWC: np.ndarray, folder: Path) -> None:
-    """Each float image in [0, 1] (clipped) as <folder>/000000.png, 000001.png, ..."""
+    """Each float image in [0, 1] (`_clipped`) as <folder>/000000.png, 000001.png, ..."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(_pixels(np.clip(images_BHWC, 0, 1), str(folder), "0,1")):
+    for i, image in enumerate(_pixels(_clipped(images_BHWC), str(folder), "0,1")):
         Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(folder / f"{i:06d}.png")

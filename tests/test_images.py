@@ -62,8 +62,10 @@ def test_png_writers_round_to_the_nearest_level_and_clip(tmp_path):
     u8 = make_images(5, size=4, seed=3)
     floats = u8.astype(np.float32) / 255
     floats[0, 0, 0] = [-0.3, 1.4, 0.5]  # a sampler's overshoot is clipped, never an error
+    floats[1, 0, 0] = [np.nan, np.inf, -np.inf]  # nor is a diverged model's output: a training run goes on
     expected = u8.copy()
     expected[0, 0, 0] = [0, 255, 128]
+    expected[1, 0, 0] = [0, 255, 0]
     save_grid(floats, tmp_path / "grid.png")
     save_images(floats, tmp_path / "singles")
     grid = np.asarray(Image.open(tmp_path / "grid.png"))

@@ -172,7 +172,7 @@ def test_a_damaged_latest_checkpoint_is_a_clear_error(trained, tmp_path):
 
 def test_kill_9_during_training_resumes_from_the_last_checkpoint(trained, tmp_path):
     workdir, log = shutil.copytree(trained, tmp_path / "run"), tmp_path / "log"
-    command = ["--steps", "16"]
+    command = ["--steps", "16", "--lr-decay", "constant"]  # the SIGTERM test's program: compiled once for both
     _kill_9_when(_start(workdir, log, *command), lambda: 10 in _logged_steps(workdir),
                  "step 10 in metrics.jsonl (logged after the step-8 checkpoint)", log)
     last = max(_checkpoints(workdir)[0])

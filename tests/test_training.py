@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
         (["--eta", "1.5"], "--eta 1.5: expected a number in [0, 1]"),
         (["--lr-decay", "step"], "argument --lr-decay: invalid choice: 'step'"),
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
-        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: expected an image folder"),
         (["--grad-clip", "-1"], "--grad-clip -1.0: expected a non-negative number"),
         (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
         (["--adam-b2", "1.5"], "--adam-b2 1.5: expected a number in [0, 1)"),
