@@ -135,7 +135,7 @@ def sample_parser() -> argparse.ArgumentParser:
                         "a model directory (convert to-flax) or a torch .pt/.pth")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     parser.add_argument("--sampler", choices=CHOICES["sampler"], help=f"default: the run's, else {DEFAULTS.sampler}")
-    parser.add_argument("--steps", type=int, help=f"DDIM steps (default: the run's, else "
+    parser.add_argument("--steps", type=int, help=f"steps of ddim and the DPM-Solvers (default: the run's, else "
                         f"{DEFAULTS.sampling_steps}; ddpm always runs T)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
                         f"(default: the run's, else {DEFAULTS.eta:g})")

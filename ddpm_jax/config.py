@@ -87,8 +87,8 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, 'newest checkpoints kept')
     sample_every: int = _field(500, 'sample a grid from the EMA weights every this many steps (and at the end)')
     num_samples: int = _field(16, 'images per sample grid')
-    sampler: str = _field("ddim", 'ddpm (all T steps) | ddim')
-    sampling_steps: int = _field(100, 'DDIM steps (ignored by ddpm)')
+    sampler: str = _field("ddim", 'ddpm (all T steps) | ddim | dpmsolver++ | sde-dpmsolver++ (multistep, 2nd order)')
+    sampling_steps: int = _field(100, 'steps of ddim and the DPM-Solvers (ignored by ddpm)')
     eta: float = _field(1.0, 'DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step (DDPM-like)')
     precision: str = _field("fp32", 'fp32 | bf16 (bf16 compute, float32 parameters and optimizer state)')
     log_every: int = _field(25, 'metrics line (and non-finite check) every this many steps')
@@ -181,7 +181,7 @@ def validate(config: TrainConfig, num_devices: int) -> Schedule:
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
     check_image_size(config.image_size, len(config.dim_mults))
     need(config.batch_size % num_devices == 0, "batch_size", f"a multiple of the device count ({num_devices})")
-    if config.sampler == "ddim":  # ddpm runs all T steps and ignores --sampling-steps
+    if config.sampler != "ddpm":  # ddpm runs all T steps and ignores --sampling-steps
         need(config.sampling_steps <= config.timesteps, "sampling_steps", f"at most --timesteps ({config.timesteps})")
     return check_schedule(config.schedule, config.timesteps)
 

@@ -1,4 +1,4 @@
-"""Pure diffusion math: forward noising, the training loss, DDPM and DDIM reverse steps, whole samplers.
+"""Pure diffusion math: forward noising, the training loss, DDPM, DDIM and DPM-Solver++ steps, whole samplers.
 
 Every function takes the Schedule pytree and explicit arrays or keys, so all of it jit-compiles; the
 model is any callable `eps_BHWC = model(x_BHWC, t_B)`. The samplers run every step inside one
@@ -9,12 +9,14 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ddpm_jax.schedules import Schedule
 
 LOSSES = ("l2", "l1")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+DPM_SOLVERS = ("dpmsolver++", "sde-dpmsolver++")  # diffusers' DPMSolverMultistepScheduler algorithm_type names
 
 
 def _extract(a_T, t_B, ndim):
@@ -79,6 +81,62 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> jnp.ndarray:
     return jnp.asarray([i * num_timesteps // steps - 1 for i in range(steps, -1, -1)], dtype=jnp.int32)
 
 
+def dpm_solver_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """The `steps` descending times DPM-Solver++ visits: diffusers' "linspace" spacing,
+    round(linspace(0, T-1, steps+1)) reversed, without the last (0); the solver then steps to sigma = 0."""
+    return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int32)
+
+
+def dpm_solver_step(x_BHWC, x0_BHWC, x0_prev_BHWC, alpha_t, sigma_t, sigma_s, h, h_prev, second_order, noise_BHWC,
+                    stochastic: bool):
+    """One multistep DPM-Solver++ step (Lu et al. 2022, "DPM-Solver++"; diffusers' midpoint form) from time s to
+    time t in the data-prediction form: x0 is the model's estimate of x_0 at s, x0_prev the one at the step
+    before. alpha, sigma are sqrt(abar), sqrt(1 - abar); h = lambda_t - lambda_s with lambda = log(alpha / sigma),
+    h_prev the previous step's. First order (DDIM-like) where `second_order` is false. The stochastic form
+    (SDE-DPM-Solver++) adds `noise_BHWC`; at sigma_t = 0 both return x0."""
+    d1 = jnp.where(second_order, (x0_BHWC - x0_prev_BHWC) * (h / h_prev), 0.0)
+    if stochastic:
+        decay = jnp.exp(-2.0 * h)
+        return ((sigma_t / sigma_s) * jnp.exp(-h) * x_BHWC + alpha_t * (1.0 - decay) * (x0_BHWC + 0.5 * d1)
+                + sigma_t * jnp.sqrt(1.0 - decay) * noise_BHWC)
+    return (sigma_t / sigma_s) * x_BHWC - alpha_t * jnp.expm1(-h) * (x0_BHWC + 0.5 * d1)
+
+
+def _dpm_solver_coefficients(schedule: Schedule, steps: int):
+    """Per step of DPM-Solver++ (as arrays over the steps): the time, alpha and sigma at it and at the next time
+    (sigma 0 after the last), h and the previous step's h, and whether the step is second order: all but the
+    first (no history yet) and the last (diffusers' lower_order_final, which also keeps the final step to
+    sigma = 0 finite). alpha and sigma are the schedule's sqrt(abar) and sqrt(1 - abar), derived in float64."""
+    times = dpm_solver_timesteps(schedule.num_timesteps, steps)
+    alpha_s, sigma_s = schedule.sqrt_alphas_cumprod[times], schedule.sqrt_one_minus_alphas_cumprod[times]
+    alpha_t = jnp.append(alpha_s[1:], 1.0)
+    sigma_t = jnp.append(sigma_s[1:], 0.0)
+    lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
+    h = jnp.log(alpha_t) - jnp.log(sigma_t) - lam_s  # +inf on the last step: exp(-h) = 0 there
+    h_prev = jnp.append(1.0, h[:-1])  # unused on the first step
+    second_order = (np.arange(steps) > 0) & (np.arange(steps) < steps - 1)
+    return jnp.asarray(times), alpha_s, sigma_s, alpha_t, sigma_t, h, h_prev, jnp.asarray(second_order)
+
+
+def _dpm_solver_sampler(eps, schedule, steps, x_T, key, stochastic, clip_denoised, return_all_timesteps):
+    """DPM-Solver++ over `steps` times in one lax.scan; the carry holds x and the previous x0 estimate."""
+
+    def body(carry, coefficients):
+        x, x0_prev = carry
+        t, alpha_s, sigma_s, alpha_t, sigma_t, h, h_prev, second_order = coefficients
+        x0 = (x - sigma_s * eps(x, t)) / alpha_s
+        if clip_denoised:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+        noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype) if stochastic else None
+        x = dpm_solver_step(x, x0, x0_prev, alpha_t, sigma_t, sigma_s, h, h_prev, second_order, noise, stochastic)
+        return (x, x0), (x if return_all_timesteps else None)
+
+    (x_0, _), xs = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), _dpm_solver_coefficients(schedule, steps))
+    if return_all_timesteps:
+        return jnp.concatenate([x_T[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
+    return x_0
+
+
 def _scan_sampler(step_fn, times, x_T, key, return_all_timesteps):
     """Run `x = step_fn(x, t, t_next, noise)` over consecutive pairs of `times` in one lax.scan."""
 
@@ -109,7 +167,8 @@ def sample_loop(
 ):
     """Images in [0, 1] space (unclipped, as the reference's `unnormalize`) of shape `shape` (BHWC).
 
-    ddpm runs all T steps; ddim runs `steps` (default T). With return_all_timesteps the result has a
+    ddpm runs all T steps; ddim runs `steps` (default T); dpmsolver++ and sde-dpmsolver++ (multistep, second
+    order) run `steps` (default 20). clip_denoised clips each step's estimate of x_0 to [-1, 1] (ddim, dpm). With return_all_timesteps the result has a
     time axis after the batch holding x_T, ..., x_0. Call it under jit (see `sample`). With
     `batch_sharding` the images are generated data parallel, split over its devices on the batch axis.
     """
@@ -134,6 +193,10 @@ def sample_loop(
         def step_fn(x, t, t_next, noise):
             return ddim_step(schedule, eps(x, t), x, t, t_next, eta, noise, clip_denoised)
 
+    elif sampler in DPM_SOLVERS:
+        x = _dpm_solver_sampler(eps, schedule, steps or 20, x_T, step_key, sampler == "sde-dpmsolver++",
+                                clip_denoised, return_all_timesteps)
+        return (x + 1) * 0.5
     else:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     x = _scan_sampler(step_fn, times, x_T, step_key, return_all_timesteps)

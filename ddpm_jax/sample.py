@@ -38,7 +38,7 @@ def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps
     if not 0 <= eta <= 1:
         raise ValueError(f"--eta {eta}: expected a number in [0, 1]")
     image_size, timesteps = image_size or run.image_size, timesteps or run.timesteps
-    if sampler == "ddim" and steps > timesteps:
+    if sampler != "ddpm" and steps > timesteps:
         raise ValueError(f"--steps {steps}: expected at most the {timesteps} diffusion steps (--timesteps)")
     noise_schedule = check_schedule(schedule or run.schedule, timesteps)
     model, _ = load_model(checkpoint, ema=ema)

@@ -35,6 +35,16 @@ def test_same_seed_same_images_and_out_dir(tmp_path, torch_checkpoint):
     assert np.array_equal(np.asarray(Image.open(singles[0])), a[:16, :16])
 
 
+def test_dpm_solver_from_the_command_line(tmp_path, torch_checkpoint):
+    """The stochastic DPM-Solver++ through the CLI: a grid of 4 images, the same for the same seed."""
+    args = ["--checkpoint", str(torch_checkpoint), *COMMON[:2], "--sampler", "sde-dpmsolver++", *COMMON[4:]]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert a.shape == (32, 32, 3) and a.std() > 0 and np.array_equal(a, b)
+    assert main([*args, "--steps", "101", "--out", str(tmp_path / "c.png")]) == 2  # more steps than T = 100
+
+
 def test_ddpm_sampler_from_model_directory(tmp_path, torch_checkpoint):
     from ddpm_jax.cli import convert_main as convert
 

@@ -1,0 +1,98 @@
+"""Which sampler, at how many steps? SWD and colour W1 of sample sets from a trained model, with wall time.
+
+    python experiments/compare_samplers.py --checkpoint runs/default [--num 128] [--sets 2] [--out docs/sampling]
+
+For each sampler and step count: --sets sets of --num images (seeds 7, 8, ...), each one program split over the
+devices, scored against --held-out held-out tiles (embedded seed 1, never trained on) by SWD and colour W1
+(ddpm_jax.evaluate). The wall time of a set excludes the compile (the first set's extra time is reported as
+the compile). DDPM-1000 runs one set unless --ddpm-sets says more. Results are cached in the --out JSON: run it
+again after an interruption and it goes on where it stopped.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ddpm_jax import diffusion, runtime
+from ddpm_jax.checkpoints import load_model
+from ddpm_jax.config import check_schedule
+from ddpm_jax.evaluate import colour_distance, swd
+from ddpm_jax.images import load_images, to_uint8
+from ddpm_jax.workdirs import read_config
+
+HELD_OUT_SEED = 1
+FIRST_SEED = 7
+# (sampler, steps, eta); eta only matters to DDIM.
+CONFIGS = [("dpmsolver++", s, 0.0) for s in (10, 20, 50)] + [("sde-dpmsolver++", s, 0.0) for s in (10, 20, 50)] + [
+    ("ddim", s, e) for e in (0.0, 1.0) for s in (20, 50, 100)] + [("ddpm", 1000, 0.0)]
+
+
+def name(sampler: str, steps: int, eta: float) -> str:
+    return f"{sampler} {steps}" + (f" eta {eta:g}" if sampler == "ddim" else "")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/default"), help="a training workdir")
+    p.add_argument("--num", type=int, default=128, help="images per set (default 128)")
+    p.add_argument("--sets", type=int, default=2, help="sample sets per sampler (default 2)")
+    p.add_argument("--ddpm-sets", type=int, default=1, help="sample sets of DDPM-1000 (default 1)")
+    p.add_argument("--held-out", type=int, default=1024, help="held-out tiles (default 1024)")
+    p.add_argument("--out", type=Path, default=Path("docs/sampling/samplers.json"))
+    args = p.parse_args(argv)
+
+    runtime.use_cpu_cores_as_devices(args.num)
+    runtime.enable_compilation_cache()
+    run = read_config(args.checkpoint)
+    schedule = check_schedule(run.schedule, run.timesteps)
+    model, _ = load_model(args.checkpoint)
+    sharding = runtime.replicate_for_sampling(model, args.num)
+    held_out = load_images("embedded", run.image_size, num=args.held_out, embedded_seed=HELD_OUT_SEED)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "devices": jax.device_count(),
+                          "backend": jax.default_backend(), "num": args.num, "held_out": args.held_out}
+    for sampler, steps, eta in CONFIGS:
+        key_name = name(sampler, steps, eta)
+        entry = results.setdefault(key_name, {"sets": []})
+        sets = args.ddpm_sets if sampler == "ddpm" else args.sets
+        for i in range(len(entry["sets"]), sets):
+            t0 = time.perf_counter()
+            images = diffusion.sample(model, schedule, jax.random.key(FIRST_SEED + i), args.num, run.image_size,
+                                      sampler=sampler, steps=steps, eta=eta, batch_sharding=sharding)
+            images = np.asarray(images, np.float32)
+            seconds = time.perf_counter() - t0
+            fake = to_uint8(np.clip(images, 0, 1))
+            entry["sets"].append({"seed": FIRST_SEED + i, "seconds": seconds, "swd": swd(held_out, fake)["swd"],
+                                  "colour_w1": colour_distance(held_out, fake)["colour_w1"]})
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{key_name}: set {i}: SWD {entry['sets'][-1]['swd']:.1f}, {seconds:.1f} s", flush=True)
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown: per sampler the mean SWD (min-max over sets), colour W1, and the wall time of a set after the
+    first (the first's extra seconds are its compile)."""
+    rows = ["| sampler | SWD (sets: min-max) | colour W1 | wall per set | compile |", "|---|---|---|---|---|"]
+    for sampler, steps, eta in CONFIGS:
+        sets = results.get(name(sampler, steps, eta), {}).get("sets", [])
+        if not sets:
+            continue
+        swds, times = [s["swd"] for s in sets], [s["seconds"] for s in sets]
+        run_s = statistics.median(times[1:]) if len(times) > 1 else None
+        wall = f"{run_s:.1f} s" if run_s else f"{times[0]:.1f} s (with compile)"
+        compile_s = f"{times[0] - run_s:.1f} s" if run_s else ""
+        spread = f" ({min(swds):.1f}-{max(swds):.1f})" if len(swds) > 1 else ""
+        rows.append(f"| {name(sampler, steps, eta)} | {statistics.mean(swds):.1f}{spread} | "
+                    f"{statistics.mean(s['colour_w1'] for s in sets):.2f} | {wall} | {compile_s} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
