@@ -168,9 +168,10 @@ def sample_loop(
     """Images in [0, 1] space (unclipped, as the reference's `unnormalize`) of shape `shape` (BHWC).
 
     ddpm runs all T steps; ddim runs `steps` (default T); dpmsolver++ and sde-dpmsolver++ (multistep, second
-    order) run `steps` (default 20). clip_denoised clips each step's estimate of x_0 to [-1, 1] (ddim, dpm). With return_all_timesteps the result has a
-    time axis after the batch holding x_T, ..., x_0. Call it under jit (see `sample`). With
-    `batch_sharding` the images are generated data parallel, split over its devices on the batch axis.
+    order) run `steps` (default 20). clip_denoised clips each step's estimate of x_0 to [-1, 1] (ddim, dpm).
+    With return_all_timesteps the result has a time axis after the batch holding x_T, ..., x_0. Call it under jit
+    (see `sample`). With `batch_sharding` the images are generated data parallel, split over its devices on the
+    batch axis.
     """
     init_key, step_key = jax.random.split(key)
     x_T = jax.random.normal(init_key, shape, jnp.float32)
