@@ -38,10 +38,13 @@ def _sample(schedule, coefficient_T, key, eta, *, sampler, steps, clip):
     return diffusion.sample_loop(eps, schedule, key, SHAPE, sampler=sampler, steps=steps, eta=eta, clip_denoised=clip)
 
 
-def _step_noises(step_key, times) -> np.ndarray:
-    """The noise the JAX sampler draws at each of `times`: normal(fold_in(step_key, t)), all in one program."""
+def _replayed(key, times) -> tuple[np.ndarray, np.ndarray]:
+    """x_T and the noise of each of `times` as the JAX sampler draws them from `key`: x_T from the first half of
+    split(key), the noise at t from fold_in(second half, t), all the steps in one program."""
+    init_key, step_key = jax.random.split(key)
     draw = jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(step_key, t), SHAPE, jnp.float32))
-    return np.asarray(jax.jit(draw)(jnp.asarray(times, jnp.int32)))
+    x_T = np.asarray(jax.random.normal(init_key, SHAPE, jnp.float32))
+    return x_T, np.asarray(jax.jit(draw)(jnp.asarray(times, jnp.int32)))
 
 
 def _eps_coefficient(abar_T: np.ndarray) -> np.ndarray:
@@ -86,9 +89,7 @@ def test_dpm_solver_matches_diffusers(schedule_name, algorithm, steps):
     reference.set_timesteps(steps)
     times = diffusion.dpm_solver_timesteps(1000, steps)
     np.testing.assert_array_equal(reference.timesteps.numpy(), times)
-    init_key, step_key = jax.random.split(key)
-    x_T = np.asarray(jax.random.normal(init_key, SHAPE, jnp.float32))
-    noises = _step_noises(step_key, times)
+    x_T, noises = _replayed(key, times)
     x = torch.from_numpy(nchw(x_T).copy())
     for t, noise in zip(times.tolist(), noises):
         eps = float(np.float32(coefficient[t])) * x
@@ -152,9 +153,7 @@ def test_ddpm_and_ddim_match_diffusers(schedule_name, sampler, eta, steps, monke
     times = reference.timesteps.numpy()
     expected_times = np.arange(T - 1, -1, -1) if sampler == "ddpm" else np.asarray(diffusion.ddim_timesteps(T, steps))
     np.testing.assert_array_equal(times, expected_times[:steps])
-    init_key, step_key = jax.random.split(key)
-    x_T = np.asarray(jax.random.normal(init_key, SHAPE, jnp.float32))
-    noises = _step_noises(step_key, times)
+    x_T, noises = _replayed(key, times)
     x = torch.from_numpy(nchw(x_T).copy())
     for t, noise in zip(times.tolist(), noises):
         eps = float(np.float32(coefficient[t])) * x
