@@ -16,11 +16,12 @@ def reference_and_schedule(tiny_pair):
     return reference, flax_model, schedules.make_schedule("cosine", 1000)
 
 
-def _shared_inputs(seed=0, batch=4, size=16):
+def _shared_inputs(seed=0):
+    """Batch 3 at 16 px, the shapes of the gradient and forward tests: their eager ops are compiled already."""
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-    noise = torch.randn(batch, 3, size, size, generator=g)
-    t = torch.tensor([0, 1, 517, 999][:batch])
+    x0 = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    noise = torch.randn(3, 3, 16, 16, generator=g)
+    t = torch.tensor([0, 1, 999])
     return x0, t, noise
 
 

@@ -23,6 +23,12 @@ TINY_FLAGS = [
 ]
 
 
+# The train.py and ddpm-sample processes the tests start run on one device, as this process does, so that they
+# find its compiled programs in the cache (a 2-device program is another program). Tests of the device count
+# set or clear the variable themselves.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Tests reuse a handful of tiny configs; caching their compiled programs keeps the suite fast. The
