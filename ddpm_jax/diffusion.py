@@ -6,6 +6,7 @@ compiled program (`lax.scan`).
 """
 
 from functools import partial
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from ddpm_jax.schedules import Schedule
 LOSSES = ("l2", "l1")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 DPM_SOLVERS = ("dpmsolver++", "sde-dpmsolver++")  # diffusers' DPMSolverMultistepScheduler algorithm_type names
+SPACINGS = ("linspace", "leading", "trailing")  # diffusers' timestep_spacing, for DPM-Solver++
 
 
 def _extract(a_T, t_B, ndim):
@@ -81,10 +83,19 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> jnp.ndarray:
     return jnp.asarray([i * num_timesteps // steps - 1 for i in range(steps, -1, -1)], dtype=jnp.int32)
 
 
-def dpm_solver_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-    """The `steps` descending times DPM-Solver++ visits: diffusers' "linspace" spacing,
-    round(linspace(0, T-1, steps+1)) reversed, without the last (0); the solver then steps to sigma = 0."""
-    return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int32)
+def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> np.ndarray:
+    """The `steps` descending times DPM-Solver++ visits, by diffusers' `timestep_spacing` (the solver then steps
+    to sigma = 0): "linspace" round(linspace(0, T-1, steps+1)) reversed without its last (0); "leading"
+    multiples of T // (steps+1) from the top one down, without 0; "trailing" round(arange(T, 0, -T/steps)) - 1."""
+    if spacing == "linspace":
+        times = np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        times = (np.arange(steps + 1) * (num_timesteps // (steps + 1)))[::-1][:-1]
+    elif spacing == "trailing":
+        times = np.arange(num_timesteps, 0, -num_timesteps / steps).round() - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    return times.astype(np.int32)
 
 
 def dpm_solver_step(x_BHWC, x0_BHWC, x0_prev_BHWC, alpha_t, sigma_t, sigma_s, h, h_prev, second_order, noise_BHWC,
@@ -102,12 +113,12 @@ def dpm_solver_step(x_BHWC, x0_BHWC, x0_prev_BHWC, alpha_t, sigma_t, sigma_s, h,
     return (sigma_t / sigma_s) * x_BHWC - alpha_t * jnp.expm1(-h) * (x0_BHWC + 0.5 * d1)
 
 
-def _dpm_solver_coefficients(schedule: Schedule, steps: int):
+def _dpm_solver_coefficients(schedule: Schedule, steps: int, spacing: str):
     """Per step of DPM-Solver++ (as arrays over the steps): the time, alpha and sigma at it and at the next time
     (sigma 0 after the last), h and the previous step's h, and whether the step is second order: all but the
     first (no history yet) and the last (diffusers' lower_order_final, which also keeps the final step to
     sigma = 0 finite). alpha and sigma are the schedule's sqrt(abar) and sqrt(1 - abar), derived in float64."""
-    times = dpm_solver_timesteps(schedule.num_timesteps, steps)
+    times = dpm_solver_timesteps(schedule.num_timesteps, steps, spacing)
     alpha_s, sigma_s = schedule.sqrt_alphas_cumprod[times], schedule.sqrt_one_minus_alphas_cumprod[times]
     alpha_t = jnp.append(alpha_s[1:], 1.0)
     sigma_t = jnp.append(sigma_s[1:], 0.0)
@@ -118,38 +129,75 @@ def _dpm_solver_coefficients(schedule: Schedule, steps: int):
     return jnp.asarray(times), alpha_s, sigma_s, alpha_t, sigma_t, h, h_prev, jnp.asarray(second_order)
 
 
-def _dpm_solver_sampler(eps, schedule, steps, x_T, key, stochastic, clip_denoised, return_all_timesteps):
-    """DPM-Solver++ over `steps` times in one lax.scan; the carry holds x and the previous x0 estimate."""
+class _Plan(NamedTuple):
+    """A sampler as one lax.scan: `carry = body(carry, xs[i])` for each step i; the carry starts as
+    `initial_carry(sampler, x_T)` and holds x first."""
 
-    def body(carry, coefficients):
-        x, x0_prev = carry
-        t, alpha_s, sigma_s, alpha_t, sigma_t, h, h_prev, second_order = coefficients
-        x0 = (x - sigma_s * eps(x, t)) / alpha_s
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype) if stochastic else None
-        x = dpm_solver_step(x, x0, x0_prev, alpha_t, sigma_t, sigma_s, h, h_prev, second_order, noise, stochastic)
-        return (x, x0), (x if return_all_timesteps else None)
-
-    (x_0, _), xs = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), _dpm_solver_coefficients(schedule, steps))
-    if return_all_timesteps:
-        return jnp.concatenate([x_T[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
-    return x_0
+    body: Callable
+    xs: tuple
 
 
-def _scan_sampler(step_fn, times, x_T, key, return_all_timesteps):
-    """Run `x = step_fn(x, t, t_next, noise)` over consecutive pairs of `times` in one lax.scan."""
+def num_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
+    """How many network calls `sampler` makes: T for ddpm, `steps` (default T) for ddim, `steps` (default 20)
+    for DPM-Solver++."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    return num_timesteps if sampler == "ddpm" else steps or (20 if sampler in DPM_SOLVERS else num_timesteps)
 
-    def body(x, t_pair):
-        t, t_next = t_pair
-        noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
-        x = step_fn(x, t, t_next, noise)
-        return x, (x if return_all_timesteps else None)
 
-    x_0, xs = jax.lax.scan(body, x_T, (times[:-1], times[1:]))
-    if return_all_timesteps:
-        return jnp.concatenate([x_T[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
-    return x_0
+def initial_carry(sampler: str, x_T):
+    """x, and for DPM-Solver++ the previous step's estimate of x_0 (none yet)."""
+    return (x_T, jnp.zeros_like(x_T)) if sampler in DPM_SOLVERS else (x_T,)
+
+
+def _plan(model, schedule: Schedule, step_key, *, sampler: str, steps: int | None, eta: float, clip_denoised: bool,
+          spacing: str) -> _Plan:
+    T = schedule.num_timesteps
+    n = num_steps(sampler, steps, T)
+
+    def eps(x, t):
+        return model(x, jnp.full(x.shape[:1], t, dtype=jnp.int32)).astype(x.dtype)
+
+    def noise_at(x, t):
+        return jax.random.normal(jax.random.fold_in(step_key, t), x.shape, x.dtype)
+
+    if sampler in DPM_SOLVERS:
+        stochastic = sampler == "sde-dpmsolver++"
+
+        def dpm_body(carry, coefficients):
+            x, x0_prev = carry
+            t, alpha_s, sigma_s, alpha_t, sigma_t, h, h_prev, second_order = coefficients
+            x0 = (x - sigma_s * eps(x, t)) / alpha_s
+            if clip_denoised:
+                x0 = jnp.clip(x0, -1.0, 1.0)
+            noise = noise_at(x, t) if stochastic else None
+            return dpm_solver_step(x, x0, x0_prev, alpha_t, sigma_t, sigma_s, h, h_prev, second_order, noise,
+                                   stochastic), x0
+
+        return _Plan(dpm_body, _dpm_solver_coefficients(schedule, n, spacing))
+
+    if sampler == "ddpm":
+        times = jnp.arange(T - 1, -2, -1, dtype=jnp.int32)  # T-1, ..., 0, then -1 as the last successor
+
+        def step(x, t, t_next):
+            return ddpm_step(schedule, eps(x, t), x, t, noise_at(x, t))
+
+    else:
+        times = ddim_timesteps(T, n)
+
+        def step(x, t, t_next):
+            return ddim_step(schedule, eps(x, t), x, t, t_next, eta, noise_at(x, t), clip_denoised)
+
+    return _Plan(lambda carry, t_pair: (step(carry[0], *t_pair),), (times[:-1], times[1:]))
+
+
+def _noise(key, shape, batch_sharding):
+    """x_T, and the key of the per-step noise."""
+    init_key, step_key = jax.random.split(key)
+    x_T = jax.random.normal(init_key, shape, jnp.float32)
+    if batch_sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+    return x_T, step_key
 
 
 def sample_loop(
@@ -163,61 +211,60 @@ def sample_loop(
     eta: float = 0.0,
     return_all_timesteps: bool = False,
     clip_denoised: bool = True,
+    spacing: str = "linspace",
     batch_sharding=None,
 ):
     """Images in [0, 1] space (unclipped, as the reference's `unnormalize`) of shape `shape` (BHWC).
 
     ddpm runs all T steps; ddim runs `steps` (default T); dpmsolver++ and sde-dpmsolver++ (multistep, second
-    order) run `steps` (default 20). clip_denoised clips each step's estimate of x_0 to [-1, 1] (ddim, dpm).
-    With return_all_timesteps the result has a time axis after the batch holding x_T, ..., x_0. Call it under jit
-    (see `sample`). With `batch_sharding` the images are generated data parallel, split over its devices on the
-    batch axis.
+    order) run `steps` (default 20) at times spaced as `spacing` says. clip_denoised clips each step's estimate of
+    x_0 to [-1, 1] (ddim, dpm). With return_all_timesteps the result has a time axis after the batch holding x_T,
+    ..., x_0. Call it under jit (see `sample`). With `batch_sharding` the images are generated data parallel,
+    split over its devices on the batch axis.
     """
-    init_key, step_key = jax.random.split(key)
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
-    if batch_sharding is not None:
-        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    T = schedule.num_timesteps
+    x_T, step_key = _noise(key, shape, batch_sharding)
+    plan = _plan(model, schedule, step_key, sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised,
+                 spacing=spacing)
 
-    def eps(x, t):
-        return model(x, jnp.full(x.shape[:1], t, dtype=jnp.int32)).astype(x.dtype)
+    def body(carry, xs_i):
+        carry = plan.body(carry, xs_i)
+        return carry, (carry[0] if return_all_timesteps else None)
 
-    if sampler == "ddpm":
-        times = jnp.arange(T - 1, -2, -1, dtype=jnp.int32)  # T-1, ..., 0, then -1 as the last successor
-
-        def step_fn(x, t, t_next, noise):
-            return ddpm_step(schedule, eps(x, t), x, t, noise)
-
-    elif sampler == "ddim":
-        times = ddim_timesteps(T, steps or T)
-
-        def step_fn(x, t, t_next, noise):
-            return ddim_step(schedule, eps(x, t), x, t, t_next, eta, noise, clip_denoised)
-
-    elif sampler in DPM_SOLVERS:
-        x = _dpm_solver_sampler(eps, schedule, steps or 20, x_T, step_key, sampler == "sde-dpmsolver++",
-                                clip_denoised, return_all_timesteps)
-        return (x + 1) * 0.5
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    x = _scan_sampler(step_fn, times, x_T, step_key, return_all_timesteps)
-    return (x + 1) * 0.5
+    (x_0, *_), xs = jax.lax.scan(body, initial_carry(sampler, x_T), plan.xs)
+    if return_all_timesteps:
+        return (jnp.concatenate([x_T[:, None], jnp.moveaxis(xs, 0, 1)], axis=1) + 1) * 0.5
+    return (x_0 + 1) * 0.5
 
 
-@partial(jax.jit, static_argnames=("graphdef", "shape", "sampler", "steps", "return_all_timesteps", "batch_sharding"))
-def _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps, batch_sharding):
-    model = nnx.merge(graphdef, state)
-    return sample_loop(
-        model,
-        schedule,
-        key,
-        shape,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        return_all_timesteps=return_all_timesteps,
-        batch_sharding=batch_sharding,
-    )
+_STATIC = ("graphdef", "shape", "sampler", "steps", "spacing", "batch_sharding")
+
+
+@partial(jax.jit, static_argnames=(*_STATIC, "return_all_timesteps"))
+def _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, spacing, batch_sharding,
+                return_all_timesteps):
+    return sample_loop(nnx.merge(graphdef, state), schedule, key, shape, sampler=sampler, steps=steps, eta=eta,
+                       spacing=spacing, return_all_timesteps=return_all_timesteps, batch_sharding=batch_sharding)
+
+
+@partial(jax.jit, static_argnames=("shape", "sampler", "batch_sharding"))
+def _start_jit(key, shape, sampler, batch_sharding):
+    x_T, step_key = _noise(key, shape, batch_sharding)
+    return initial_carry(sampler, x_T), step_key
+
+
+@partial(jax.jit, static_argnames=(*_STATIC, "length"), donate_argnames="carry")
+def _chunk_jit(graphdef, state, schedule, step_key, eta, carry, first, shape, sampler, steps, spacing, batch_sharding,
+               length):
+    """Steps first, ..., first + length - 1 of the sampler's scan."""
+    plan = _plan(nnx.merge(graphdef, state), schedule, step_key, sampler=sampler, steps=steps, eta=eta,
+                 clip_denoised=True, spacing=spacing)
+    xs = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, first, length), plan.xs)
+    return jax.lax.scan(lambda c, xs_i: (plan.body(c, xs_i), None), carry, xs)[0]
+
+
+def chunk_length(n: int, chunks: int = 20) -> int:
+    """The largest divisor of n that makes at least `chunks` chunks (one whole chunk when n < chunks)."""
+    return max(d for d in range(1, max(1, n // chunks) + 1) if n % d == 0)
 
 
 def sample(
@@ -230,14 +277,30 @@ def sample(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
+    spacing: str = "linspace",
     return_all_timesteps: bool = False,
     batch_sharding=None,
+    progress: bool = False,
 ):
     """Compile and run the whole sampler as one program; returns images in [0, 1] space, BHWC.
 
     batch_sharding (a NamedSharding of the batch axis, with the model replicated over the same devices):
-    split the images over several devices."""
+    split the images over several devices. progress: run the scan in about 20 equal chunks (one program for
+    all of them) and show a progress bar on stderr between them; the images are bit-identical to the one
+    program's. Not with return_all_timesteps."""
     graphdef, state = nnx.split(model)
     shape = (num_images, image_size, image_size, model.channels)
-    return _sample_jit(graphdef, state, schedule, key, eta, shape, sampler, steps, return_all_timesteps,
-                       batch_sharding)
+    static = dict(shape=shape, sampler=sampler, steps=steps, spacing=spacing, batch_sharding=batch_sharding)
+    if not progress or return_all_timesteps:
+        return _sample_jit(graphdef, state, schedule, key, eta, **static, return_all_timesteps=return_all_timesteps)
+    from tqdm import tqdm
+
+    n = num_steps(sampler, steps, schedule.num_timesteps)
+    length = chunk_length(n)
+    carry, step_key = _start_jit(key, shape, sampler, batch_sharding)
+    with tqdm(total=n, desc=f"{sampler}, {n} steps", unit="step", dynamic_ncols=True) as bar:
+        for first in range(0, n, length):
+            carry = _chunk_jit(graphdef, state, schedule, step_key, eta, carry, first, **static, length=length)
+            jax.block_until_ready(carry)
+            bar.update(length)
+    return (carry[0] + 1) * 0.5

@@ -20,11 +20,12 @@ DEFAULTS = TrainConfig()  # the settings used where a checkpoint has no run conf
 
 def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps: int | None = None,
                       eta: float | None = None, seed: int = 0, image_size: int | None = None,
-                      schedule: str | None = None, timesteps: int | None = None, ema: bool = True) -> np.ndarray:
+                      schedule: str | None = None, timesteps: int | None = None, ema: bool = True,
+                      spacing: str = "linspace", progress: bool = False) -> np.ndarray:
     """`num` images as float32 (num, S, S, C) in [0, 1] (unclipped), split over the devices where they divide
     evenly (called before JAX has started, on a CPU, it first gives JAX one device per core:
     `runtime.use_cpu_cores_as_devices`). A bad value is a ValueError naming its flag, raised before the model
-    is loaded."""
+    is loaded. progress: a progress bar on stderr (`diffusion.sample`)."""
     for flag, value in (("num", num), ("steps", steps), ("image-size", image_size), ("timesteps", timesteps)):
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} {value}: expected a positive integer")
@@ -35,6 +36,8 @@ def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps
     eta = run.eta if eta is None else eta
     if sampler not in diffusion.SAMPLERS:
         raise ValueError(f"--sampler {sampler}: expected one of {list(diffusion.SAMPLERS)}")
+    if spacing not in diffusion.SPACINGS:
+        raise ValueError(f"--spacing {spacing}: expected one of {list(diffusion.SPACINGS)}")
     if not 0 <= eta <= 1:
         raise ValueError(f"--eta {eta}: expected a number in [0, 1]")
     image_size, timesteps = image_size or run.image_size, timesteps or run.timesteps
@@ -45,7 +48,8 @@ def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps
     check_image_size(image_size, len(model.downs))
     batch_sharding = runtime.replicate_for_sampling(model, num)
     images = diffusion.sample(model, noise_schedule, jax.random.key(seed), num, image_size, sampler=sampler,
-                              steps=steps, eta=eta, batch_sharding=batch_sharding)
+                              steps=steps, eta=eta, spacing=spacing, batch_sharding=batch_sharding,
+                              progress=progress)
     return np.asarray(images, np.float32)
 
 

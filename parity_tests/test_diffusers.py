@@ -29,13 +29,14 @@ DATA_STD = 0.5
 SHAPE = (2, 8, 8, 3)  # BHWC
 
 
-@partial(jax.jit, static_argnames=("sampler", "steps", "clip"))
-def _sample(schedule, coefficient_T, key, eta, *, sampler, steps, clip):
+@partial(jax.jit, static_argnames=("sampler", "steps", "clip", "spacing"))
+def _sample(schedule, coefficient_T, key, eta, *, sampler, steps, clip, spacing="linspace"):
     """The JAX sampler with eps(x, t) = coefficient[t] x; linear and cosine share one compiled program."""
     def eps(x, t_B):
         return coefficient_T[t_B][:, None, None, None] * x
 
-    return diffusion.sample_loop(eps, schedule, key, SHAPE, sampler=sampler, steps=steps, eta=eta, clip_denoised=clip)
+    return diffusion.sample_loop(eps, schedule, key, SHAPE, sampler=sampler, steps=steps, eta=eta, clip_denoised=clip,
+                                 spacing=spacing)
 
 
 def _replayed(key, times) -> tuple[np.ndarray, np.ndarray]:
@@ -73,21 +74,23 @@ def _float64_solver(abar_T, times, x_T, noises, stochastic):
     return (x + 1) * 0.5
 
 
-@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule_name,steps,spacing", [
+    *((name, steps, "linspace") for name in ("linear", "cosine") for steps in (10, 20, 50)),
+    ("linear", 20, "leading"), ("linear", 20, "trailing")])
 @pytest.mark.parametrize("algorithm", diffusion.DPM_SOLVERS)
-@pytest.mark.parametrize("steps", [10, 20, 50])
-def test_dpm_solver_matches_diffusers(schedule_name, algorithm, steps):
+def test_dpm_solver_matches_diffusers(schedule_name, algorithm, steps, spacing):
+    """Every step count on both schedules with diffusers' default spacing; the other spacings at 20 steps."""
     schedule = schedules.make_schedule(schedule_name, 1000)
     abar = np.asarray(schedule.alphas_cumprod, np.float64)
     coefficient = _eps_coefficient(abar)
     key = jax.random.key(11)
     ours = np.asarray(_sample(schedule, jnp.asarray(coefficient, jnp.float32), key, 0.0, sampler=algorithm,
-                              steps=steps, clip=False))
+                              steps=steps, clip=False, spacing=spacing))
 
     reference = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=np.asarray(schedule.betas),
-                                            algorithm_type=algorithm)
+                                            algorithm_type=algorithm, timestep_spacing=spacing)
     reference.set_timesteps(steps)
-    times = diffusion.dpm_solver_timesteps(1000, steps)
+    times = diffusion.dpm_solver_timesteps(1000, steps, spacing)
     np.testing.assert_array_equal(reference.timesteps.numpy(), times)
     x_T, noises = _replayed(key, times)
     x = torch.from_numpy(nchw(x_T).copy())
