@@ -143,8 +143,8 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
     """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, and the config it was built from.
 
     `path` is one of: a torch file (.pt/.pth) holding a U-Net state_dict, a DiffusionModel state_dict,
-    or the article trainer's checkpoint; a model directory written by `convert to-flax`/`save_model`;
-    a training workdir (its latest checkpoint) or one of its `checkpoints/<step>` folders. EMA weights
+    or the article trainer's checkpoint; a .safetensors file holding a U-Net or DiffusionModel state_dict; a
+    model directory written by `convert to-flax`/`save_model`; a training workdir (its latest checkpoint) or one of its `checkpoints/<step>` folders. EMA weights
     are taken where a checkpoint has them, unless ema=False. The architecture comes from the weights
     or the saved config; nothing has to be passed by hand.
     """
@@ -152,7 +152,7 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
     if not path.is_dir():
         from ddpm_jax import convert  # torch files only: the converter imports torch
 
-        state = convert.unet_state_from_checkpoint(convert.read_torch_file(path), ema=ema, source=str(path))
+        state = convert.unet_state_from_checkpoint(convert.read_weights_file(path), ema=ema, source=str(path))
         config = convert.infer_config(state, str(path))  # a torch file cannot hold the time embedding's theta
         return convert.load_torch_state(build_model(config, dtype=dtype), state, str(path)), config
     if (path / MODEL_JSON).is_file() and (path / PARAMS_DIR).is_dir():

@@ -4,7 +4,8 @@
 One policy for all of them. An error prints as one line, `error: <message>` (with --debug: the traceback), and
 the exit code says what kind it was:
     0  done
-    1  a run that could not go on (errors.TrainingError: a non-finite loss, a failed save, a busy workdir)
+    1  a run that could not go on (errors.TrainingError: a non-finite loss, a failed save, a busy workdir), or
+       converted weights that failed their check (errors.VerificationError)
     2  bad input: a flag, a file, a config (ValueError, OSError; argparse's own usage errors too)
     128 + N  stopped by signal N after saving a checkpoint, as a shell reports a process that N ended
 Warnings print as one line, `warning: <message>`. Each command imports the modules it needs when it runs.
@@ -18,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ddpm_jax.errors import StoppedBySignal, TrainingError
+from ddpm_jax.errors import StoppedBySignal, TrainingError, VerificationError
 
 
 def one_line_warnings() -> None:
@@ -40,11 +41,11 @@ def _run(parser: argparse.ArgumentParser, command, argv) -> int:
     except StoppedBySignal as e:
         print(f"\n{e}", file=sys.stderr)
         return 128 + e.signum  # `train.py && ...` stops, as after a process the signal ended
-    except (TrainingError, ValueError, OSError) as e:
+    except (TrainingError, VerificationError, ValueError, OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingError) else 2
+        return 1 if isinstance(e, (TrainingError, VerificationError)) else 2
     return 0
 
 
@@ -79,7 +80,7 @@ def train_parser() -> argparse.ArgumentParser:
         return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
     for field in dataclasses.fields(TrainConfig):
-        kind = _parse_mults if field.name == "dim_mults" else type(field.default)
+        kind = _parse_mults if field.name == "dim_mults" else int if field.default is None else type(field.default)
         values = {name: shown(getattr(preset, field.name)) for name, preset in PRESETS.items()}
         defaults = (f"default: {values['default']}" if len(set(values.values())) == 1 else
                     "; ".join(f"{name} preset: {value}" for name, value in values.items()))
@@ -93,8 +94,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file in --data "
                         "(default: skip it with a warning)")
     parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (metrics still go to metrics.jsonl; the compile time and the "
-                        "final summary are still printed)")
+                        help="no progress bar: a line of metrics every --log-every steps instead (also when stdout "
+                        "is not a terminal); metrics.jsonl and TensorBoard get them either way")
     return parser
 
 
@@ -114,7 +115,8 @@ def _train(args: argparse.Namespace) -> None:
     runtime.enable_compilation_cache()
     if not runtime.setup_distributed(args.coordinator, args.num_processes, args.process_id):
         runtime.use_cpu_cores_as_devices(config.batch_size)
-    training.train(config, workdir, progress=not args.no_progress, strict=args.strict)
+    # A progress bar where someone watches; under nohup, SLURM or a pipe, a metrics line every --log-every steps.
+    training.train(config, workdir, progress=not args.no_progress and sys.stdout.isatty(), strict=args.strict)
 
 
 def train_main(argv=None) -> int:
@@ -126,6 +128,7 @@ def train_main(argv=None) -> int:
 
 
 def sample_parser() -> argparse.ArgumentParser:
+    from ddpm_jax import diffusion
     from ddpm_jax.config import CHOICES
     from ddpm_jax.sample import DEFAULTS
 
@@ -139,7 +142,11 @@ def sample_parser() -> argparse.ArgumentParser:
                         f"{DEFAULTS.sampling_steps}; ddpm always runs T)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
                         f"(default: the run's, else {DEFAULTS.eta:g})")
+    parser.add_argument("--spacing", choices=diffusion.SPACINGS, default="linspace",
+                        help="where the DPM-Solvers' steps fall, as diffusers' timestep_spacing (default linspace)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (with it, the sampler runs in chunks; the images are the same)")
     parser.add_argument("--image-size", type=int, help=f"default: the run's, else {DEFAULTS.image_size}")
     parser.add_argument("--schedule", choices=CHOICES["schedule"], help=f"default: the run's, else {DEFAULTS.schedule}")
     parser.add_argument("--timesteps", type=int, help=f"default: the run's, else {DEFAULTS.timesteps}")
@@ -164,7 +171,8 @@ def _sample(args: argparse.Namespace) -> None:
     runtime.enable_compilation_cache()
     samples = sample_checkpoint(args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                 seed=args.seed, image_size=args.image_size, schedule=args.schedule,
-                                timesteps=args.timesteps, ema=args.ema)
+                                timesteps=args.timesteps, ema=args.ema, spacing=args.spacing,
+                                progress=args.progress)
     images.save_grid(samples, out)
     if out_dir:
         images.save_images(samples, out_dir)
@@ -180,26 +188,32 @@ def sample_main(argv=None) -> int:
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    parser = _parser("ddpm-convert", "Convert U-Net weights between the article's PyTorch checkpoints and this "
-                     "project's Flax models.")
+    parser = _parser("ddpm-convert", "Convert U-Net weights between the article's PyTorch checkpoints (.pt, "
+                     ".safetensors) and this project's Flax models, then check that both frameworks compute the "
+                     "same outputs with them.")
     sub = parser.add_subparsers(dest="command", required=True)
     to_flax = sub.add_parser("to-flax", help="torch checkpoint -> Flax model directory (model.json + Orbax params)")
-    to_flax.add_argument("input", help="a .pt/.pth: U-Net or DiffusionModel state_dict, or the article trainer's "
-                         "checkpoint")
+    to_flax.add_argument("input", help="a .pt/.pth or .safetensors: U-Net or DiffusionModel state_dict, or the "
+                         "article trainer's checkpoint (.pt)")
     to_flax.add_argument("output", help="directory to write (created if needed)")
-    to_flax.add_argument("--no-ema", dest="ema", action="store_false",
-                         help="from a trainer checkpoint, take the raw weights, not the EMA")
-    to_torch = sub.add_parser("to-torch", help="any checkpoint -> a U-Net state_dict .pt for the reference model")
-    to_torch.add_argument("input", help="a Flax model directory or any checkpoint that to-flax accepts")
-    to_torch.add_argument("output", help="the .pt file to write; loads with load_state_dict(strict=True)")
-    to_torch.add_argument("--no-ema", dest="ema", action="store_false", help="take the raw weights, not the EMA")
+    to_torch = sub.add_parser("to-torch", help="any checkpoint -> a U-Net state_dict (.pt, or .safetensors) for the "
+                              "reference model")
+    to_torch.add_argument("input", help="a Flax model directory, a training workdir or any file that to-flax accepts")
+    to_torch.add_argument("output", help="the file to write: .safetensors for safetensors, else torch.save's format; "
+                          "loads with load_state_dict(strict=True)")
+    for command in (to_flax, to_torch):
+        command.add_argument("--no-ema", dest="ema", action="store_false",
+                             help="from a checkpoint with EMA weights, take the raw weights")
+        command.add_argument("--no-verify", dest="verify", action="store_false",
+                             help="skip the check: the PyTorch reference U-Net and the Flax U-Net run on random inputs "
+                             "with the converted weights, and the command fails if they differ by more than 1e-4")
     return parser
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from ddpm_jax import convert
     from ddpm_jax.checkpoints import MODEL_JSON, PARAMS_DIR, load_model, save_model
     from ddpm_jax.config import ModelConfig
-    from ddpm_jax.convert import write_torch_file
 
     out = Path(args.output)
     if args.command == "to-flax" and out.exists() and not out.is_dir():
@@ -207,11 +221,28 @@ def _convert(args: argparse.Namespace) -> None:
     if args.command == "to-torch" and out.is_dir():
         raise ValueError(f"{out}: is a directory; expected a file path to write, e.g. {out / 'model.pt'}")
     model, config = load_model(args.input, ema=args.ema)
-    out = save_model(model, config, out) if args.command == "to-flax" else write_torch_file(model, out)
+    out = save_model(model, config, out) if args.command == "to-flax" else convert.write_weights_file(model, out)
     theta = config.sinusoidal_pos_emb_theta
     note = (f"; build the reference with sinusoidal_pos_emb_theta={theta}" if args.command == "to-torch" and
             theta != ModelConfig.sinusoidal_pos_emb_theta else "")
-    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}{note})")
+    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}{note})", flush=True)
+    if not args.verify:
+        return
+    # What was written, read back: the Flax model of the directory against the reference holding the weights it
+    # came from; or the reference holding the written file against the Flax model it came from.
+    if args.command == "to-flax":
+        flax_model, torch_state = load_model(out)[0], convert.to_torch_state(model)
+    else:
+        written = convert.read_weights_file(out)
+        flax_model, torch_state = model, convert.unet_state_from_checkpoint(written, source=str(out))
+    worst = convert.verify(flax_model, convert.reference_unet(config, torch_state))
+    if not worst <= convert.VERIFY_TOLERANCE:
+        raise VerificationError(f"{out}: with the converted weights, the Flax U-Net and the PyTorch reference differ "
+                                f"by up to {worst:.2e} on random inputs, above the tolerance of "
+                                f"{convert.VERIFY_TOLERANCE:g} (the file is kept for inspection; --no-verify skips "
+                                "this check)")
+    print(f"verified: the Flax U-Net and the PyTorch reference differ by at most {worst:.1e} on random inputs "
+          f"(tolerance {convert.VERIFY_TOLERANCE:g})")
 
 
 def convert_main(argv=None) -> int:

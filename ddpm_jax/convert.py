@@ -6,10 +6,10 @@ A Flax parameter's path, with NNX's `layers` level of Sequential dropped and `ke
   - linear weights: torch (out, in) <-> flax (in, out)  (`.T`)
 Biases and GroupNorm scales are copied. Key sets and every shape are checked before anything is copied,
 and one error lists every mismatch. `checkpoints.load_model` reads torch files through this module; the
-`ddpm-convert` command (cli.py) writes either format:
+`ddpm-convert` command (cli.py) writes either format, and `verify` checks the result against the reference:
 
     ddpm-convert to-flax article_checkpoint.pt flax_model/
-    ddpm-convert to-torch flax_model/ unet.pt
+    ddpm-convert to-torch flax_model/ unet.safetensors     # or unet.pt
 """
 
 import pickle
@@ -23,9 +23,14 @@ from flax import nnx
 
 from ddpm_jax.config import ModelConfig
 from ddpm_jax.schedules import Schedule
+
 # Schedule buffers a reference DiffusionModel adds to its state_dict next to `model.*`: the same
 # seven coefficients the Schedule pytree holds.
 DIFFUSION_BUFFERS = frozenset(Schedule._fields)
+
+
+SAFETENSORS = ".safetensors"
+VERIFY_TOLERANCE = 1e-4  # worst |flax - torch| that `ddpm-convert` accepts
 
 
 class ConversionError(ValueError):
@@ -153,19 +158,30 @@ def unet_state_from_checkpoint(obj, *, ema: bool = True, source: str = "checkpoi
         obj = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in obj.items()}
     state = {}
     for k, v in obj.items():
-        if not hasattr(v, "detach"):
+        if isinstance(v, np.ndarray):  # a safetensors file's
+            state[k] = v.astype(np.float32)
+        elif hasattr(v, "detach"):
+            state[k] = v.detach().cpu().float().numpy()
+        else:
             raise ConversionError(f"{source}: entry {k!r} is a {type(v).__name__}, expected a tensor")
-        state[k] = v.detach().cpu().float().numpy()
     return state
 
 
-def read_torch_file(path) -> object:
-    """torch.load with weights_only=True; a clear error for a missing, foreign or unsafe file."""
-    import torch
-
+def read_weights_file(path) -> object:
+    """A torch file (torch.load with weights_only=True) or a .safetensors file (numpy arrays; no pickle at all);
+    a clear error for a missing, foreign, damaged or unsafe file."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
+    if path.suffix == SAFETENSORS:
+        import safetensors.numpy
+
+        try:
+            return safetensors.numpy.load_file(path)
+        except Exception as e:  # safetensors reports a truncated or foreign file as SafetensorError
+            raise ConversionError(f"{path}: is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    import torch
+
     # torch.save writes a zip archive, or in its legacy format a pickle (PROTO opcode first). Anything
     # else is read as a pickle too, and fails with the UnpicklingError of a checkpoint holding code.
     with path.open("rb") as f:
@@ -183,15 +199,57 @@ def read_torch_file(path) -> object:
         raise ConversionError(f"{path}: is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def write_torch_file(model: nnx.Module, path) -> Path:
-    """Save the model's weights as a reference U-Net state_dict (`torch.save`), which loads with
-    `load_state_dict(strict=True)`."""
-    import torch
-
+def write_weights_file(model: nnx.Module, path) -> Path:
+    """Save the model's weights as a reference U-Net state_dict, which loads with `load_state_dict(strict=True)`:
+    `torch.save` format, or safetensors where `path` ends in .safetensors (read it with
+    `safetensors.torch.load_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: torch.from_numpy(v) for k, v in to_torch_state(model).items()}, path)
+    state = to_torch_state(model)
+    if path.suffix == SAFETENSORS:
+        import safetensors.numpy
+
+        safetensors.numpy.save_file(state, path)
+    else:
+        import torch
+
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
     return path
+
+
+def reference_unet(config: ModelConfig, state: dict[str, np.ndarray]):
+    """The article's PyTorch U-Net (ddpm_torch) of `config`, holding `state` (strict)."""
+    import torch
+
+    import ddpm_torch
+
+    kwargs = dict(dim=config.dim, init_dim=config.init_dim, out_dim=config.out_dim, dim_mults=config.dim_mults,
+                  channels=config.channels, sinusoidal_pos_emb_theta=config.sinusoidal_pos_emb_theta)
+    unet = ddpm_torch.UNETS[config.variant](**kwargs)
+    unet.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()}, strict=True)
+    return unet.eval()
+
+
+def verify(model: nnx.Module, unet, *, num: int = 3, seed: int = 0, timesteps: int = 1000) -> float:
+    """The worst absolute difference between the Flax `model` and the reference `unet` (torch) on `num` random
+    images at times spread over [0, timesteps), both in float32 (highest matmul precision). The images are as
+    small as the U-Net's levels allow: 4 px at the lowest level."""
+    import torch
+
+    size = 4 * 2 ** (len(model.downs) - 1)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num, size, size, model.channels)).astype(np.float32)
+    t = np.linspace(0, timesteps - 1, num).round().astype(np.int32)
+    with torch.no_grad():
+        expected = unet(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long()).numpy()
+    with jax.default_matmul_precision("highest"):
+        ours = _forward(model, jax.numpy.asarray(x), jax.numpy.asarray(t))
+    return float(np.abs(np.asarray(ours).transpose(0, 3, 1, 2) - expected).max())
+
+
+@nnx.jit
+def _forward(model, x_BHWC, t_B):
+    return model(x_BHWC, t_B)
 
 
 if __name__ == "__main__":  # python -m ddpm_jax.convert

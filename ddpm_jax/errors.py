@@ -1,5 +1,6 @@
-"""Errors of a run that cannot go on. Each command prints them as one line (`cli.py` holds the exit codes:
-1 for these, 128 + N for a stop by signal N, 2 for bad input, which arrives as ValueError or OSError)."""
+"""Errors of a run that cannot go on, and of a check that failed. Each command prints them as one line (`cli.py`
+holds the exit codes: 1 for these, 128 + N for a stop by signal N, 2 for bad input, which arrives as ValueError or
+OSError)."""
 
 
 class TrainingError(RuntimeError):
@@ -12,3 +13,7 @@ class StoppedBySignal(TrainingError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class VerificationError(RuntimeError):
+    """Converted weights whose outputs differ from the reference's by more than the tolerance."""

@@ -1,20 +1,19 @@
 """Conversion round trips for every checkpoint format: torch -> flax -> torch is bit-exact."""
 
+import re
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import ddpm_torch
 from ddpm_jax import load_model
 from ddpm_jax.cli import convert_main as main
 from ddpm_jax.convert import ConversionError, to_torch_state
 from ddpm_torch import DiffusionModel
-from parity_tests.conftest import check, nchw, nhwc
+from parity_tests.conftest import check
 
 ARCHITECTURES = [
     ("OneResUNet", dict(dim=8, dim_mults=(1, 2, 4))),
@@ -26,6 +25,11 @@ ARCHITECTURES = [
 def _unet(variant, seed=0, **kwargs):
     torch.manual_seed(seed)
     return ddpm_torch.UNETS[variant](**kwargs)
+
+
+def _saved(unet, path):
+    torch.save(unet.state_dict(), path)
+    return path
 
 
 def _assert_same_weights(expected: dict, actual: dict):
@@ -76,25 +80,93 @@ def test_article_trainer_checkpoint_ema_and_raw(tmp_path, variant, kwargs):
     _assert_same_weights(raw.state_dict(), to_torch_state(load_model(tmp_path / "model-37.pt", ema=False)[0]))
 
 
-def test_cli_to_flax_then_to_torch_is_bit_exact(tmp_path):
+def _verified(out: str) -> float:
+    """The worst difference `ddpm-convert` printed for its check of the converted weights."""
+    line = next(line for line in out.splitlines() if line.startswith("verified:"))
+    return float(re.search(r"at most (\S+) on random inputs", line).group(1))
+
+
+def test_cli_to_flax_then_to_torch_is_bit_exact_and_verified(tmp_path, capsys):
     variant, kwargs = ARCHITECTURES[2]
     checkpoint, _, ema = _trainer_checkpoint(variant, kwargs)
     torch.save(checkpoint, tmp_path / "trainer.pt")
     assert main(["to-flax", str(tmp_path / "trainer.pt"), str(tmp_path / "flax")]) == 0
     assert (tmp_path / "flax" / "model.json").is_file()
-    flax_model, _ = load_model(tmp_path / "flax")
+    # The directory's model computes what the reference computes: the command ran both on random inputs.
+    check("forward (ddpm-convert's check)", _verified(capsys.readouterr().out), 0.0, 1e-5)
     assert main(["to-torch", str(tmp_path / "flax"), str(tmp_path / "back.pt")]) == 0
+    check("forward (ddpm-convert's check)", _verified(capsys.readouterr().out), 0.0, 1e-5)
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     fresh = ddpm_torch.UNETS[variant](**kwargs)
     fresh.load_state_dict(back, strict=True)
     _assert_same_weights(ema.state_dict(), fresh.state_dict())
-    # The directory's model computes what the reference computes: jitted, as the samplers run it (this
-    # architecture's shapes occur in no other test, and one compile is faster than eager op-by-op compiles).
-    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 800])
+
+
+def test_safetensors_both_ways_bit_exact_without_pickle(tmp_path, monkeypatch, capsys):
+    """to-torch writes a .safetensors the reference loads strictly; to-flax and load_model read it; no pickle is
+    read or written on the way (torch.save/load and pickle's entry points fail if called)."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from ddpm_jax.checkpoints import save_model
+
+    variant, kwargs = ARCHITECTURES[1]
+    unet = _unet(variant, **kwargs)
+    model, config = load_model(_saved(unet, tmp_path / "unet.pt"))
+    save_model(model, config, tmp_path / "flax")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    for owner, name in ((torch, "save"), (torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "dump"),
+                        (pickle, "dumps")):
+        monkeypatch.setattr(owner, name, no_pickle)
+    assert main(["to-torch", str(tmp_path / "flax"), str(tmp_path / "unet.safetensors")]) == 0
+    assert main(["to-flax", str(tmp_path / "unet.safetensors"), str(tmp_path / "back")]) == 0
+    verified = [_verified(out) for out in capsys.readouterr().out.split("wrote ")[1:]]
+    assert len(verified) == 2 and max(verified) <= 1e-5
+    monkeypatch.undo()
+    fresh = ddpm_torch.UNETS[variant](**kwargs)
+    fresh.load_state_dict(load_file(tmp_path / "unet.safetensors"), strict=True)
+    _assert_same_weights(unet.state_dict(), fresh.state_dict())
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "back")[0]))
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "unet.safetensors")[0]))
+
+
+def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file(_unet("TwoResUNet", dim=8, dim_mults=(1, 2)).state_dict(), tmp_path / "unet.safetensors")
+    data = (tmp_path / "unet.safetensors").read_bytes()
+    (tmp_path / "unet.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["to-flax", str(tmp_path / "unet.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'unet.safetensors'}: is not a readable safetensors file")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_failed_check_names_the_file_and_fails(tmp_path, monkeypatch, capsys):
+    """Weights that convert without error but compute something else (here: one bias changed on the way out)
+    fail the check with exit 1; --no-verify skips it. verify() itself sees a change of 1e-3 in one weight."""
+    from ddpm_jax import convert
+
+    unet = _unet("TwoResUNet", dim=8, dim_mults=(1, 2))
+    model, _ = load_model(_saved(unet, tmp_path / "unet.pt"))
+    assert convert.verify(model, unet) <= 1e-5
     with torch.no_grad():
-        expected = ema(x, t).numpy()
-    ours = nnx.jit(lambda model, x, t: model(x, t))(flax_model, jnp.asarray(nhwc(x)), jnp.asarray(t.numpy()))
-    check("forward", nchw(ours), expected, 1e-5)
+        unet.final_conv.bias += 1e-3
+    assert convert.verify(model, unet) == pytest.approx(1e-3, rel=1e-3)
+
+    to_torch_state = convert.to_torch_state
+    monkeypatch.setattr(convert, "to_torch_state", lambda m: {
+        k: v + (k == "final_conv.bias") for k, v in to_torch_state(m).items()})
+    out = tmp_path / "wrong.safetensors"
+    assert main(["to-torch", str(tmp_path / "unet.pt"), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: with the converted weights, the Flax U-Net and the PyTorch reference "
+                          "differ by up to 1.00e+00") and "--no-verify" in err and out.is_file()
+    assert main(["to-torch", str(tmp_path / "unet.pt"), str(out), "--no-verify"]) == 0
 
 
 def test_mismatches_are_listed_together(tmp_path):

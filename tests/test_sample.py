@@ -3,13 +3,16 @@
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import ddpm_torch
+from ddpm_jax import diffusion, load_model
 from ddpm_jax.cli import sample_main as main
+from ddpm_jax.schedules import make_schedule
 
 COMMON = ["--num", "4", "--sampler", "ddim", "--steps", "3", "--timesteps", "100", "--image-size", "16"]
 
@@ -44,10 +47,23 @@ def test_dpm_solver_from_the_command_line(tmp_path, torch_checkpoint):
     assert main([*args, "--steps", "101", "--out", str(tmp_path / "c.png")]) == 2  # more steps than T = 100
 
 
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("sde-dpmsolver++", 7)])
+def test_progress_runs_the_sampler_in_chunks_with_bit_identical_images(torch_checkpoint, capsys, sampler, steps):
+    """DDPM's 40 steps in 20 chunks of 2; SDE-DPM-Solver++ (a history and fresh noise in its carry) in 7 of 1."""
+    model, _ = load_model(torch_checkpoint)
+    schedule, key = make_schedule("linear", 40), jax.random.key(3)
+    whole = diffusion.sample(model, schedule, key, 2, 16, sampler=sampler, steps=steps)
+    chunked = diffusion.sample(model, schedule, key, 2, 16, sampler=sampler, steps=steps, progress=True)
+    assert np.array_equal(np.asarray(whole), np.asarray(chunked))
+    n = 40 if sampler == "ddpm" else steps
+    assert f"{sampler}, {n} steps: 100%" in capsys.readouterr().err
+    assert [diffusion.chunk_length(n) for n in (1000, 40, 7, 20, 3)] == [50, 2, 1, 1, 1]
+
+
 def test_ddpm_sampler_from_model_directory(tmp_path, torch_checkpoint):
     from ddpm_jax.cli import convert_main as convert
 
-    assert convert(["to-flax", str(torch_checkpoint), str(tmp_path / "flax")]) == 0
+    assert convert(["to-flax", str(torch_checkpoint), str(tmp_path / "flax"), "--no-verify"]) == 0
     out = tmp_path / "ddpm.png"
     assert main(["--checkpoint", str(tmp_path / "flax"), "--num", "2", "--sampler", "ddpm", "--timesteps", "30",
                  "--image-size", "16", "--out", str(out)]) == 0
@@ -71,7 +87,7 @@ def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
     from ddpm_jax.cli import convert_main as convert
 
     model_dir = tmp_path / "flax"
-    assert convert(["to-flax", str(torch_checkpoint), str(model_dir)]) == 0
+    assert convert(["to-flax", str(torch_checkpoint), str(model_dir), "--no-verify"]) == 0
     run = dataclasses.replace(TrainConfig(), dim=8, dim_mults=(1, 2), image_size=16, timesteps=100,
                               schedule="cosine", sampler="ddim", sampling_steps=3, eta=1.0)
     (model_dir / "config.json").write_text(run.to_json())
