@@ -62,10 +62,13 @@ def _field(default, help: str):
 class TrainConfig:
     """One training run. Saved as workdir/config.json; resuming checks it against the saved one."""
 
-    data: str = _field("embedded", 'an image folder, or "embedded" for the built-in synthetic forest tiles')
+    data: str = _field("embedded", 'an image folder, a .npy file of uint8 images (N, S, S, C), memory-mapped, or '
+                       '"embedded" for the built-in synthetic forest tiles')
     embedded_size: int = _field(2048, 'tiles generated when data is "embedded"')
     model: str = _field("TwoResUNet", 'U-Net variant')
     image_size: int = _field(32, 'training resolution (square)')
+    channels: int | None = _field(None, 'image channels, 1 (grayscale) or 3 (RGB); unset: 1 when every image in '
+                                  '--data is grayscale, else 3 (the embedded tiles are RGB)')
     dim: int = _field(16, 'U-Net base width')
     dim_mults: tuple[int, ...] = _field((1, 2, 2, 2), 'width multiplier per level')
     schedule: str = _field("linear", 'beta schedule: linear | cosine | sigmoid')
@@ -100,7 +103,7 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults)
+        return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults, channels=self.channels or 3)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
@@ -111,7 +114,7 @@ class TrainConfig:
 
 
 # A resumed run must keep the fields that shape the model and those that define the noise it learns to remove.
-SHAPE_FIELDS = ("model", "image_size", "dim", "dim_mults")
+SHAPE_FIELDS = ("model", "image_size", "channels", "dim", "dim_mults")
 OBJECTIVE_FIELDS = ("schedule", "timesteps")
 # Resuming with another value of these is allowed, with a warning: the run is no longer the one it began as.
 RECIPE_FIELDS = ("loss", "batch_size", "seed")
@@ -150,6 +153,7 @@ CHOICES = {
     "sampler": diffusion.SAMPLERS,
     "precision": ("fp32", "bf16"),
     "lr_decay": LR_DECAYS,
+    "channels": (1, 3),  # or None: from the data
 }
 POSITIVE = ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every", "num_samples",
             "sampling_steps", "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr")
@@ -164,10 +168,13 @@ def validate(config: TrainConfig, num_devices: int) -> Schedule:
         if not ok:
             raise ValueError(f"--{field.replace('_', '-')} {getattr(config, field)}: expected {expected}")
 
-    need(config.data == EMBEDDED_NAME or Path(config.data).is_dir(), "data",
-         f"an image folder, or {EMBEDDED_NAME!r} for the built-in tiles")
+    need(config.data == EMBEDDED_NAME or Path(config.data).is_dir() or
+         (config.data.endswith(".npy") and Path(config.data).is_file()), "data",
+         f"an image folder, a .npy file, or {EMBEDDED_NAME!r} for the built-in tiles")
     for field, allowed in CHOICES.items():
-        need(getattr(config, field) in allowed, field, f"one of {list(allowed)}")
+        value = getattr(config, field)
+        need(value in allowed or (field == "channels" and value is None), field, f"one of {list(allowed)}")
+    need(config.channels != 1 or config.data != EMBEDDED_NAME, "channels", "3 with the embedded tiles, which are RGB")
     def kind(field):  # of the field's declared type, not of the value given
         return "integer" if isinstance(getattr(TrainConfig, field), int) else "number"
 

@@ -79,38 +79,57 @@ def _load_npz(path: str, float_range: str) -> np.ndarray:
 
 
 def load_images(spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0,
-                float_range: str = "0,1", strict: bool = False) -> np.ndarray:
-    """Images named by `spec` as uint8 (N, S, S, 3).
+                float_range: str = "0,1", strict: bool = False, channels: int | None = 3) -> np.ndarray:
+    """Images named by `spec` as uint8 (N, S, S, C).
 
-    spec: an image folder (ddpm_jax.data.load_image_folder with `strict`, resized to `image_size`; None: the
-    size its images share, an error if they differ), a .npz file
-    (the array under key "images", else the first array; converted by `to_uint8` with `float_range`; its size
-    must equal `image_size` when given), or "embedded" (ddpm_jax.data.embedded_dataset with
-    `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px).
-    num: keep at most the first `num` images (folders and .npz).
+    spec: an image folder (ddpm_jax.data.load_image_folder with `strict` and `channels`, resized to `image_size`;
+    None: the size its images share, an error if they differ), a .npy file of uint8 (N, S, S, C) images
+    (memory-mapped: a dataset larger than RAM), a .npz file (the array under key "images", else the first array;
+    converted by `to_uint8` with `float_range`; RGB), or "embedded" (ddpm_jax.data.embedded_dataset with
+    `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px; RGB). Files are not resized:
+    their size must equal `image_size` when given. channels: 1 or 3, or None for the data's own (a folder: 1 when
+    all its images are grayscale).
+    num: keep at most the first `num` images (folders and files).
     """
     if num is not None and num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if spec == data.EMBEDDED_NAME:
+        if channels == 1:
+            raise ValueError("the embedded tiles are RGB: expected 3 channels, not 1")
         return data.embedded_dataset(
             num_images=2048 if num is None else num,
             image_size=32 if image_size is None else image_size,
             seed=embedded_seed,
         )
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"{spec}: no such file or folder; expected an image folder, a .npz file or 'embedded'")
+        raise FileNotFoundError(f"{spec}: no such file or folder; expected an image folder, a .npy or .npz file, or "
+                                "'embedded'")
     if os.path.isdir(spec):
-        images = data.load_image_folder(spec, _common_size(spec) if image_size is None else image_size, strict=strict)
-    elif spec.endswith(".npz"):
-        images = _load_npz(spec, float_range)
+        images = data.load_image_folder(spec, _common_size(spec) if image_size is None else image_size,
+                                        channels=channels, strict=strict)
+    elif spec.endswith((".npz", ".npy")):
+        images = _load_npz(spec, float_range) if spec.endswith(".npz") else _load_npy(spec)
         if image_size is not None and images.shape[1:3] != (image_size, image_size):
-            raise ValueError(
-                f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected {image_size}x{image_size} "
-                "(image_size); .npz files are not resized"
-            )
+            raise ValueError(f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected "
+                             f"{image_size}x{image_size} (image_size); files are not resized")
+        if channels is not None and images.shape[3] != channels:
+            raise ValueError(f"{spec}: images have {images.shape[3]} channel(s), expected {channels}")
     else:
-        raise ValueError(f"{spec}: expected an image folder, a .npz file or 'embedded'")
+        raise ValueError(f"{spec}: expected an image folder, a .npy or .npz file, or 'embedded'")
     return images[:num] if num is not None else images
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """A .npy file of uint8 (N, S, S, 1 or 3) images, memory-mapped (read only)."""
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - not a .npy, or one holding objects
+        raise ValueError(f"{path}: cannot read as a .npy array of images ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2] or \
+            images.shape[3] not in (1, 3) or not len(images):
+        raise ValueError(f"{path}: holds {images.dtype} {images.shape}; expected uint8 images (N, S, S, C) with "
+                         "N >= 1 and C = 1 or 3")
+    return images
 
 
 def _common_size(folder: str) -> int:
@@ -137,20 +156,27 @@ def _clipped(images: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.clip(images, 0, 1), nan=0.0)
 
 
-def save_grid(images_BHWC: np.ndarray, path: Path) -> None:
-    """A square-ish grid PNG of float images in [0, 1] (`_clipped`); grayscale for one channel."""
-    from PIL import Image
-
-    pixels = _pixels(_clipped(images_BHWC), str(path), "0,1")
+def grid(images_BHWC: np.ndarray, name: str = "images") -> np.ndarray:
+    """uint8 (rows * H, cols * W, C): a square-ish grid of float images in [0, 1] (`_clipped`)."""
+    pixels = _pixels(_clipped(images_BHWC), name, "0,1")
     n, h, w, c = pixels.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    out = np.zeros((rows * h, cols * w, c), np.uint8)
     for i in range(n):
         r, col = divmod(i, cols)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
+        out[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
+    return out
+
+
+def save_grid(images_BHWC: np.ndarray, path: Path) -> np.ndarray:
+    """Write `grid(images_BHWC)` as a PNG (grayscale for one channel) and return it."""
+    from PIL import Image
+
+    pixels = grid(images_BHWC, str(path))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(path)
+    return pixels
 
 
 def save_images(images_BHWC: np.ndarray, folder: Path) -> None:

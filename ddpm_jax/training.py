@@ -4,6 +4,7 @@ The batch of a step is a pure function of (seed, step) and the step's randomness
 resumed run replays exactly what an uninterrupted one would have done. docs/training.md describes the workdir.
 """
 
+import dataclasses
 import json
 import signal
 import time
@@ -38,9 +39,13 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
 
 def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: bool, strict: bool) -> TrainState:
     is_writer = jax.process_index() == 0
-    workdirs.prepare(workdir, config, is_writer)
     num = config.embedded_size if config.data == data.EMBEDDED_NAME else None
-    dataset = images.load_images(config.data, config.image_size, num=num, strict=strict)
+    dataset = images.load_images(config.data, config.image_size, num=num, strict=strict, channels=config.channels)
+    if config.channels is None:
+        config = dataclasses.replace(config, channels=dataset.shape[-1])
+        if config.channels == 1 and is_writer:
+            print(f"every image in {config.data} is grayscale: training with --channels 1 (--channels 3 for RGB)")
+    workdirs.prepare(workdir, config, is_writer)
     mesh = runtime.data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(config)
@@ -53,11 +58,11 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
 
     step_fn = jit_train_step(config, graphdef, schedule, tx, replicated)
     key = jax.random.key(config.seed)
-    draw = GridSampler(workdir, config, graphdef, schedule, is_writer)
-    with CheckpointSaver(workdir, config) as saver:
+    with TensorBoard(workdir, is_writer) as board, CheckpointSaver(workdir, config) as saver:
+        draw = GridSampler(workdir, config, graphdef, schedule, board)
         state = saver.restore(abstract) or initial_state(config, tx, replicated)
         start = int(state.step)
-        with (MetricsLog(workdir, config, start, is_writer, progress) as log, runtime.StopSignals() as stop,
+        with (MetricsLog(workdir, config, start, board, progress) as log, runtime.StopSignals() as stop,
               data.Prefetcher(host_batch, start, sharding=batch_sharding) as batches):
             for step, batch in batches:
                 if step >= config.steps:
@@ -85,14 +90,47 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
     return state
 
 
+class TensorBoard:
+    """Process 0's TensorBoard events in <workdir>/tensorboard/, for `tensorboard --logdir runs/`: the scalars of
+    metrics.jsonl as train/<name>, each sample grid as the image `samples`. Other processes write nothing."""
+
+    def __init__(self, workdir: Path, is_writer: bool):
+        self.is_writer, self.writer = is_writer, None
+        if not is_writer:
+            return
+        from tensorboardX import SummaryWriter
+
+        folder = workdir / workdirs.TENSORBOARD
+        try:
+            self.writer = SummaryWriter(str(folder), flush_secs=30)
+        except OSError as e:
+            raise OSError(f"{folder}: cannot write TensorBoard events there ({e.strerror or e}); make it a writable "
+                          f"folder or move what is in the way, then run the same command") from None
+
+    def scalars(self, step: int, values: dict) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def image(self, step: int, pixels_HWC: np.ndarray) -> None:
+        self.writer.add_image("samples", pixels_HWC, step, dataformats="HWC")
+
+    def __enter__(self) -> "TensorBoard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 class MetricsLog:
     """Keeps each step's metrics on the device and, every --log-every steps (and before a checkpoint), fetches
-    them, stops on a non-finite loss, appends their means to metrics.jsonl and shows them on the progress bar.
-    The first step's time is the compile's, printed once and kept out of the throughput."""
+    them, stops on a non-finite loss, appends their means to metrics.jsonl and TensorBoard, and shows them on the
+    progress bar, or without one prints them as a line. The first step's time is the compile's, printed once and
+    kept out of the throughput."""
 
-    def __init__(self, workdir: Path, config: TrainConfig, start: int, is_writer: bool, progress: bool):
-        self.workdir, self.config, self.start = workdir, config, start
-        self.is_writer = is_writer
+    def __init__(self, workdir: Path, config: TrainConfig, start: int, board: TensorBoard, progress: bool):
+        self.workdir, self.config, self.start, self.board = workdir, config, start, board
+        is_writer = self.is_writer = board.is_writer
         self.file = open(workdir / workdirs.METRICS, "a") if is_writer else None
         self.bar = None
         if progress and is_writer:
@@ -138,8 +176,12 @@ class MetricsLog:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            self.board.scalars(step, {k: v for k, v in record.items() if k != "step"})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+        elif self.is_writer:
+            print(f"step {step}/{self.config.steps}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3g}  "
+                  f"lr {record['lr']:.3g}  {record['images_per_s']:.1f} img/s", flush=True)
         self.pending, self.since = [], now
 
     def __enter__(self) -> "MetricsLog":
@@ -200,11 +242,12 @@ class CheckpointSaver:
 
 
 class GridSampler:
-    """Draws the run's sample grid from the EMA weights (always the same noise) into samples/step_<step>.png."""
+    """Draws the run's sample grid from the EMA weights (always the same noise) into samples/step_<step>.png and
+    TensorBoard."""
 
-    def __init__(self, workdir: Path, config: TrainConfig, graphdef, schedule: Schedule, is_writer: bool):
-        self.workdir, self.config, self.graphdef, self.schedule, self.is_writer = (
-            workdir, config, graphdef, schedule, is_writer)
+    def __init__(self, workdir: Path, config: TrainConfig, graphdef, schedule: Schedule, board: TensorBoard):
+        self.workdir, self.config, self.graphdef, self.schedule, self.board = (
+            workdir, config, graphdef, schedule, board)
         self.key = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)
         self.sharding = runtime.sample_sharding(config.num_samples)
 
@@ -213,6 +256,8 @@ class GridSampler:
         grid = diffusion.sample(nnx.merge(self.graphdef, state.ema), self.schedule, self.key, c.num_samples,
                                 c.image_size, sampler=c.sampler, steps=c.sampling_steps, eta=c.eta,
                                 batch_sharding=self.sharding)
-        if self.is_writer:
-            images.save_grid(np.asarray(grid, np.float32),
-                             self.workdir / workdirs.SAMPLES / f"step_{int(state.step):06d}.png")
+        if self.board.is_writer:
+            step = int(state.step)
+            path = self.workdir / workdirs.SAMPLES / f"step_{step:06d}.png"
+            pixels = images.save_grid(np.asarray(grid, np.float32), path)
+            self.board.image(step, pixels)

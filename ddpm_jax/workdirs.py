@@ -20,6 +20,7 @@ CONFIG_JSON = "config.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
+TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 
 
@@ -33,7 +34,10 @@ def read_config(workdir: Path) -> TrainConfig:
     """The run's config.json; a ValueError naming the file if it is missing or not a training config."""
     path = Path(workdir) / CONFIG_JSON
     try:
-        return TrainConfig.from_dict(read_json(path), str(path))
+        d = read_json(path)
+        if isinstance(d, dict):
+            d.setdefault("channels", 3)  # a config written before the field existed: an RGB run
+        return TrainConfig.from_dict(d, str(path))
     except TypeError as e:
         raise ValueError(f"{path}: not a valid training config ({e})") from None
 

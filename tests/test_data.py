@@ -130,6 +130,37 @@ def test_modes_are_converted_to_rgb(tmp_path, no_user_cache):
     assert (out[8][:, :4] == 128).all() and (out[8][:, 4:] == 255).all()
 
 
+def test_grayscale_folders_decode_to_one_channel_unless_told(tmp_path, no_user_cache):
+    """channels=None: one channel when every image is grayscale (8- or 16-bit), else three; one channel of an RGB
+    image is its luma (Pillow's L: 0.299 R + 0.587 G + 0.114 B)."""
+    gray = tmp_path / "gray"
+    save(gray / "a.png", solid(100, mode="L"))
+    save(gray / "b.png", Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)))
+    assert folder.grayscale_folder(gray, 8)
+    out = load_image_folder(gray, 8)
+    assert out.shape == (2, 8, 8, 1) and (out[0] == 100).all() and (out[1] == 200).all()
+    assert folder.grayscale_folder(gray, 8)  # now answered by the cache's record
+    rgb = load_image_folder(gray, 8, channels=3)
+    assert rgb.shape == (2, 8, 8, 3) and (rgb == out).all()
+
+    save(gray / "c.png", solid(RED))
+    assert not folder.grayscale_folder(gray, 8) and load_image_folder(gray, 8).shape == (3, 8, 8, 3)
+    luma = load_image_folder(gray, 8, channels=1)
+    assert luma.shape == (3, 8, 8, 1) and (luma[2] == round(0.299 * 255)).all()
+
+
+def test_a_skipped_file_leaves_no_gap_in_the_cache(tmp_path, no_user_cache):
+    d = tmp_path / "d"
+    save(d / "a.png", solid(RED))
+    (d / "b.png").write_bytes(b"broken")
+    save(d / "c.png", solid(BLUE))
+    with pytest.warns(UserWarning, match="b.png"):
+        out = load_image_folder(d, 8)
+    assert isinstance(out, np.memmap) and out.shape == (2, 8, 8, 3)
+    assert (out[0] == RED).all() and (out[1] == BLUE).all()
+    assert not list((d / data.CACHE_DIR_NAME).glob("*.tmp"))  # the temp file of the decode is gone
+
+
 def test_exif_orientation_is_applied(tmp_path, no_user_cache):
     raw = Image.new("RGB", (40, 20), RED)  # stored: top half red, bottom half blue
     raw.paste(BLUE, (0, 10, 40, 20))
@@ -265,8 +296,9 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch, no_user_cache):
     for k in range(5):
         save(d / f"{k}.png", solid((k * 40, 10, 20)))
     first = load_image_folder(d, 8)
-    caches = list((d / data.CACHE_DIR_NAME).glob("*.npz"))
-    assert len(caches) == 1
+    caches = list((d / data.CACHE_DIR_NAME).glob("*.npy"))
+    assert len(caches) == 1 and caches[0].with_suffix(".json").is_file()
+    assert isinstance(first, np.memmap) and first.mode == "r" and Path(first.filename) == caches[0].resolve()
 
     def no_decoding(*args):
         raise AssertionError("decoded although cached")
@@ -291,7 +323,7 @@ def test_cache_is_invalidated_when_a_file_changes(tmp_path, monkeypatch, no_user
     monkeypatch.setattr(folder, "_decode_image", lambda *a: calls.append(a) or decode(*a))
     out = load_image_folder(d, 8)
     assert len(calls) == 2 and (out[1] == BLUE).all()
-    assert len(list((d / data.CACHE_DIR_NAME).glob("*.npz"))) == 1  # the stale cache is removed
+    assert len(list((d / data.CACHE_DIR_NAME).glob("*.npy"))) == 1  # the stale cache is removed
     save(d / "c.png", solid(WHITE))  # an added file, too
     assert len(load_image_folder(d, 8)) == 3
 
@@ -301,14 +333,14 @@ def test_cache_dir_argument_fallback_and_damaged_cache(tmp_path, monkeypatch):
     save(d / "a.png", solid(RED))
     explicit = tmp_path / "explicit"
     load_image_folder(d, 8, cache_dir=explicit)
-    assert len(list(explicit.glob("*.npz"))) == 1 and not (d / data.CACHE_DIR_NAME).exists()
+    assert len(list(explicit.glob("*.npy"))) == 1 and not (d / data.CACHE_DIR_NAME).exists()
 
     # A read-only folder: the cache goes to $XDG_CACHE_HOME/ddpm_jax.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     writable = folder._writable_dir
     monkeypatch.setattr(folder, "_writable_dir", lambda p: p.name != data.CACHE_DIR_NAME and writable(p))
     load_image_folder(d, 8)
-    (cache,) = (tmp_path / "xdg" / "ddpm_jax").glob("*.npz")
+    (cache,) = (tmp_path / "xdg" / "ddpm_jax").glob("*.npy")
 
     cache.write_bytes(b"damaged")
     with pytest.warns(UserWarning, match="unreadable cache"):
@@ -366,6 +398,19 @@ def test_process_slices_concatenate_to_the_global_batch(count):
     parts = [get_batch(images, 8, seed=0, step=3, process_index=i, process_count=count) for i in range(count)]
     assert all(p.shape[0] == 8 // count for p in parts)
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_a_process_reads_only_the_rows_of_its_share():
+    class Recording(np.ndarray):
+        rows: list = []
+
+        def __getitem__(self, index):
+            Recording.rows.append(np.asarray(index).tolist())
+            return np.asarray(self)[index]
+
+    images = np.arange(40 * 2 * 2 * 3, dtype=np.uint8).reshape(40, 2, 2, 3).view(Recording)
+    get_batch(images, 8, seed=1, step=3, process_index=1, process_count=2)
+    assert Recording.rows == [batch_indices(40, 8, 1, 3)[4:].tolist()]
 
 
 def test_uneven_process_split_is_rejected():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -144,6 +145,71 @@ def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     assert f"--workdir {tmp_path / 'run'}: is a file; expected a folder" in capsys.readouterr().err
 
 
+def test_tensorboard_holds_the_metrics_and_every_grid(tiny_run):
+    """Read back with tensorboard's own reader: every metrics.jsonl record as train/<name>, the grid as `samples`."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = tiny_run
+    events = EventAccumulator(str(workdir / workdirs.TENSORBOARD), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    records = [json.loads(line) for line in (workdir / workdirs.METRICS).read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    for name in ("loss", "grad_norm", "lr", "steps_per_s", "images_per_s"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{name}")]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name
+    [grid] = events.Images("samples")
+    png = np.asarray(Image.open(workdir / workdirs.SAMPLES / "step_000008.png"))
+    assert grid.step == 8 and np.array_equal(np.asarray(Image.open(io.BytesIO(grid.encoded_image_string))), png)
+
+
+def test_an_unwritable_tensorboard_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / workdirs.TENSORBOARD).write_text("in the way")
+    assert cli.train_main([*TINY_FLAGS, "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'run' / workdirs.TENSORBOARD}: cannot write TensorBoard events there")
+    assert err.count("\n") == 1 and (tmp_path / "run" / workdirs.TENSORBOARD).read_text() == "in the way"
+
+
+def test_a_dataset_four_times_the_memory_bound_trains_from_the_map(tmp_path):
+    """A 6 GiB .npy (sparse on disk) trains TINY in a process whose peak RSS stays under 1.5 GiB: batches are
+    gathered from the memory map, and nothing copies the array."""
+    big, bound = tmp_path / "big.npy", 1.5 * 2**30
+    shape = (6 * 2**30 // (16 * 16 * 3), 16, 16, 3)
+    np.lib.format.open_memmap(big, mode="w+", dtype=np.uint8, shape=shape).flush()  # no block written: all zeros
+    code = ("import resource, sys; from ddpm_jax.cli import train_main; code = train_main(sys.argv[1:]); "
+            "print('peak RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *TINY_FLAGS, "--steps", "8", "--data", str(big),
+                             "--workdir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak = int(re.search(r"^peak RSS (\d+)$", result.stdout, re.M).group(1))
+    print(f"dataset {big.stat().st_size / 2**30:.1f} GiB, peak RSS {peak / 2**30:.2f} GiB")
+    assert big.stat().st_size > 4 * bound and peak < bound
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["channels"] == 3
+
+
+def test_a_grayscale_folder_trains_one_channel_through_to_the_converter(tmp_path, capsys):
+    """Said in one line; config.json, the grid (a grayscale PNG), the checkpoint and the converter carry the one
+    channel; resuming with --channels 3 is refused, naming the flag."""
+    gray, run = tmp_path / "gray", tmp_path / "run"
+    gray.mkdir()
+    for k in range(6):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (16, 16), np.uint8), "L").save(gray / f"{k}.png")
+    flags = [*TINY_FLAGS, "--steps", "8", "--data", str(gray), "--workdir", str(run)]
+    assert cli.train_main(flags) == 0
+    assert f"every image in {gray} is grayscale: training with --channels 1" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["channels"] == 1
+    assert Image.open(run / "samples" / "step_000008.png").mode == "L"
+    model, config = load_model(run)
+    assert model.channels == config.channels == 1
+    assert cli.train_main([*flags, "--steps", "9", "--channels", "3"]) == 1
+    assert "different model or noise schedule (--channels 1 -> 3)" in capsys.readouterr().err
+    assert cli.convert_main(["to-torch", str(run), str(tmp_path / "unet.safetensors")]) == 0
+    assert "verified:" in capsys.readouterr().out
+
+
 def test_ddpm_sampler_ignores_sampling_steps():
     """--sampling-steps is a DDIM setting: with --sampler ddpm, the default 100 may exceed a small --timesteps."""
     validate(dataclasses.replace(TINY, sampler="ddpm", timesteps=50, sampling_steps=100), 1)
@@ -173,6 +239,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
         (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: expected an image folder"),
         (["--grad-clip", "-1"], "--grad-clip -1.0: expected a non-negative number"),
+        (["--channels", "1"], "--channels 1: expected 3 with the embedded tiles, which are RGB"),
+        (["--channels", "2"], "argument --channels: invalid choice: 2"),
         (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
         (["--adam-b2", "1.5"], "--adam-b2 1.5: expected a number in [0, 1)"),
         (["--num-processes", "2", "--process-id", "1"], "--num-processes and --process-id need --coordinator"),
@@ -256,7 +324,8 @@ def test_sigterm_saves_then_exits_143_and_resume_finishes(tmp_path):
     assert len(saved) == 1 and saved[0] >= 4 and f"stopped by SIGTERM at step {saved[0]}" in err
     resumed = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", str(saved[0] + 2), "--lr-decay", "constant"])
     assert resumed.returncode == 0, resumed.stderr
-    # Without a progress bar the run still says where its results are.
+    # Without a progress bar the run prints a line of metrics every --log-every steps, and where its results are.
+    assert re.search(rf"^step {saved[0] + 2}/{saved[0] + 2}  loss \d\.\d{{4}}  grad_norm .* img/s$", resumed.stdout, re.M)
     assert f"done: step {saved[0] + 2}; samples in {tmp_path / 'samples'}" in resumed.stdout
     assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == saved[0] + 2
 

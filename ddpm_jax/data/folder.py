@@ -1,13 +1,16 @@
-"""Image folders: every image under a folder, decoded once to uint8 (N, H, W, 3) and cached next to the images.
+"""Image folders: every image under a folder, decoded once to uint8 (N, H, W, C) and cached next to the images as
+a memory-mapped array, so that a dataset larger than RAM trains from disk.
 
-`load_image_folder` converts each image to RGB, applies its EXIF orientation and resizes it with the torchvision
-`Resize(size)` + `CenterCrop(size)` geometry; unreadable files are skipped with warnings (or raise `DataError`
-with strict=True), and the decoded array is cached, keyed by the files' paths, sizes and modification times.
+`load_image_folder` converts each image to RGB (or to grayscale for one channel), applies its EXIF orientation
+and resizes it with the torchvision `Resize(size)` + `CenterCrop(size)` geometry; unreadable files are skipped with
+warnings (or raise `DataError` with strict=True). The decoded array is a `.npy` file opened with
+`mmap_mode="r"`, keyed by the files' paths, sizes and modification times, with a `.json` beside it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +24,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_DIR_NAME = ".ddpm_cache"
-_CACHE_VERSION = 2  # bump when decoding changes, so old caches are not reused
+_CACHE_VERSION = 3  # bump when decoding changes, so old caches are not reused
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 _LISTED_BAD = 5  # bad files named in the summary warning
 
 
@@ -79,20 +83,24 @@ def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def _decode_image(path: Path, image_size: int) -> tuple[np.ndarray, bool]:
-    """One file -> (uint8 (image_size, image_size, 3), whether it was upscaled). Raises if unusable."""
+def _decode_image(path: Path, image_size: int, channels: int) -> tuple[np.ndarray, bool, bool]:
+    """One file -> (uint8 (image_size, image_size, channels), whether it was upscaled, whether it is grayscale).
+    One channel is the RGB image's luma (Pillow's "L"), which for a grayscale file is its own values. Raises if
+    unusable."""
     with Image.open(path) as im:
         im.load()  # decode now: a truncated or corrupt file fails here, not later
+        gray = im.mode in GRAYSCALE_MODES
         try:
             im = ImageOps.exif_transpose(im)
         except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels, unrotated
             pass
         upscaled = min(im.size) < image_size
         rgb = _resize_center_crop(_to_rgb(im), image_size)
-        arr = np.asarray(rgb, dtype=np.uint8)
-    if arr.shape != (image_size, image_size, 3):
+        arr = np.asarray(rgb.convert("L") if channels == 1 else rgb, dtype=np.uint8).reshape(
+            image_size, image_size, -1)
+    if arr.shape != (image_size, image_size, channels):
         raise ValueError(f"decoded to shape {arr.shape}")
-    return arr, upscaled
+    return arr, upscaled, gray
 
 
 def _user_cache_dir() -> Path:
@@ -110,8 +118,9 @@ def _writable_dir(path: Path) -> bool:
         return False
 
 
-def _cache_file(root: Path, files: list[Path], image_size: int, cache_dir) -> Path | None:
-    """Where the decoded array for exactly these files (paths, sizes, mtimes) at this size lives."""
+def _cache_files(root: Path, files: list[Path], image_size: int, cache_dir) -> dict[int, Path] | None:
+    """Where the decoded array for exactly these files (paths, sizes, mtimes) at this size lives, for 1 and for 3
+    channels: <dir>/[<folder hash>-]<size>px-<channels>c-<key hash>.npy, with its .json beside it."""
     entries = []
     for f in files:
         st = f.stat()
@@ -134,37 +143,49 @@ def _cache_file(root: Path, files: list[Path], image_size: int, cache_dir) -> Pa
     if shared:
         prefix = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12] + "-"
         key["root"] = str(root.resolve())
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
-    return directory / f"{prefix}{image_size}px-{digest}.npz"
+    paths = {}
+    for channels in (1, 3):
+        digest = hashlib.sha256(json.dumps({**key, "channels": channels}).encode()).hexdigest()[:24]
+        paths[channels] = directory / f"{prefix}{image_size}px-{channels}c-{digest}.npy"
+    return paths
 
 
-def _save_cache(path: Path, **arrays: np.ndarray) -> None:
-    """Write atomically (temp file + os.replace), then remove this folder's stale caches."""
+def _replace_atomically(path: Path, write) -> None:
+    """write(file object) into a temp file beside `path`, then rename it to `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    stale_prefix = path.name[: path.name.rindex("-") + 1]
-    for old in path.parent.glob(stale_prefix + "*.npz"):
-        if old != path:
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete this folder's caches of other file sets (and of older versions of this module)."""
+    stale_prefix = path.name[: path.name.index("px-") + 3]
+    for old in path.parent.glob(stale_prefix + "*"):
+        if old.stem != path.stem and old.suffix in (".npy", ".json", ".npz"):
             old.unlink(missing_ok=True)
 
 
-def _load_cache(path: Path) -> dict[str, np.ndarray] | None:
+def _load_cache(path: Path) -> tuple[np.ndarray, dict] | None:
+    """The memory-mapped array and its record, or None when either is missing or unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        meta = json.loads(path.with_suffix(".json").read_text())
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         return None
     except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
         warnings.warn(f"ignoring unreadable cache {path}: {e}")
         return None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != meta.get("count"):
+        warnings.warn(f"ignoring inconsistent cache {path}")
+        return None
+    return images, meta
 
 
 def _report(root: Path, bad: list[str], reasons: list[str], upscaled: list[str], image_size: int,
@@ -181,21 +202,25 @@ def _report(root: Path, bad: list[str], reasons: list[str], upscaled: list[str],
                       f"shorter side and were upscaled (first: {upscaled[0]})")
 
 
-def load_image_folder(path, image_size: int, *, strict: bool = False, cache_dir=None) -> np.ndarray:
-    """Every image under `path` (recursive, sorted), as uint8 (N, image_size, image_size, 3).
+def load_image_folder(path, image_size: int, *, channels: int | None = None, strict: bool = False,
+                      cache_dir=None) -> np.ndarray:
+    """Every image under `path` (recursive, sorted), as uint8 (N, image_size, image_size, channels), memory-mapped
+    from the cache (an in-memory array where no cache folder is writable).
 
-    Each image: converted to RGB (grayscale, palette, CMYK, 16-bit; alpha composited on black),
-    EXIF orientation applied, resized so the shorter side is `image_size` (bilinear, antialiased,
-    as torchvision `Resize(image_size)`), centre-cropped (torchvision `CenterCrop`). Smaller images
-    are upscaled, with one warning for all of them.
+    Each image: converted to RGB (grayscale, palette, CMYK, 16-bit; alpha composited on black), or for
+    channels=1 to its luma, EXIF orientation applied, resized so the shorter side is `image_size` (bilinear,
+    antialiased, as torchvision `Resize(image_size)`), centre-cropped (torchvision `CenterCrop`). Smaller images
+    are upscaled, with one warning for all of them. channels=None: 1 when every readable image is grayscale,
+    else 3 (`grayscale_folder` says which).
 
     Unreadable files (corrupt, truncated, empty, not an image, decompression bombs beyond Pillow's
     `Image.MAX_IMAGE_PIXELS`, directories named like images) are skipped with a warning each and a
     summary; with `strict=True` the first one raises `DataError`.
 
-    Decoding happens once: the array is cached in `cache_dir` (default `<path>/.ddpm_cache/`, or
-    `~/.cache/ddpm_jax` when the folder is read-only), keyed by the relative paths, sizes and
-    modification times of the files, `image_size`, the Pillow version and `Image.MAX_IMAGE_PIXELS`.
+    Decoding happens once, on every core, with a progress bar, straight into the cache: a .npy file in
+    `cache_dir` (default `<path>/.ddpm_cache/`, or `~/.cache/ddpm_jax` when the folder is read-only), keyed by
+    the relative paths, sizes and modification times of the files, `image_size`, `channels`, the Pillow version
+    and `Image.MAX_IMAGE_PIXELS`, and renamed into place when complete.
     """
     root = Path(path)
     if not root.is_dir():
@@ -203,63 +228,139 @@ def load_image_folder(path, image_size: int, *, strict: bool = False, cache_dir=
                         f"of images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels}")
     files, odd = list_images(root)
     if not files and not odd:
         raise DataError(f"no images in {root}: expected files with extensions {', '.join(IMAGE_EXTENSIONS)} "
                         "(searched recursively)")
 
-    cache = _cache_file(root, files, image_size, cache_dir) if files else None
-    cached = _load_cache(cache) if cache is not None else None
-    if cached is not None:
-        images = cached["images"]
-        bad, reasons = list(cached["bad"]), list(cached["reasons"])
-        upscaled = list(cached["upscaled"])
-    else:
-        images, bad, reasons, upscaled = _decode_all(root, files, image_size)
-        if cache is not None:
-            try:
-                _save_cache(cache, images=images, bad=np.array(bad, dtype=str),
-                            reasons=np.array(reasons, dtype=str), upscaled=np.array(upscaled, dtype=str))
-            except OSError as e:
-                warnings.warn(f"could not write cache {cache}: {e}")
+    caches = _cache_files(root, files, image_size, cache_dir) if files else None
+    if channels is None:
+        channels = 1 if grayscale_folder(root, image_size, cache_dir=cache_dir, _caches=caches, _files=files) else 3
+    cache = caches[channels] if caches else None
+    loaded = _load_cache(cache) if cache is not None else None
+    if loaded is None:
+        loaded = _decode_all(root, files, image_size, channels, cache)
+    images, meta = loaded
+    bad, reasons = list(meta["bad"]), list(meta["reasons"])
     for p in odd:  # not regular files: never cached, always reported
         bad.append(p.relative_to(root).as_posix())
         reasons.append("not a regular file")
     order = np.argsort(bad, kind="stable")
     bad, reasons = [bad[i] for i in order], [reasons[i] for i in order]
-    _report(root, bad, reasons, upscaled, image_size, strict)
+    _report(root, bad, reasons, meta["upscaled"], image_size, strict)
     if len(images) == 0:
         raise DataError(f"no usable images in {root}: all {len(bad)} candidate file(s) were unreadable; "
                         f"expected images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     return images
 
 
-def _decode_all(root: Path, files: list[Path], image_size: int):
-    """Decode `files` with a thread pool (Pillow releases the GIL while decoding and resizing)."""
+def grayscale_folder(path, image_size: int, *, cache_dir=None, _caches=None, _files=None) -> bool:
+    """Whether every readable image under `path` is grayscale (Pillow modes 1, L, LA, I, F, I;16): from a cache's
+    record where one exists, else from the files' headers."""
+    root = Path(path)
+    files = _files if _files is not None else list_images(root)[0]
+    caches = _caches if _caches is not None else _cache_files(root, files, image_size, cache_dir) if files else None
+    for cache in (caches or {}).values():
+        with contextlib.suppress(Exception):  # no cache, or a damaged one: the headers say it
+            return bool(json.loads(cache.with_suffix(".json").read_text())["all_gray"])
+
+    def mode(f: Path) -> str | None:
+        try:
+            with Image.open(f) as im:
+                return im.mode
+        except Exception:  # noqa: BLE001 - unreadable files are reported when decoding
+            return None
+
+    with warnings.catch_warnings():  # a decompression bomb's warning comes when it is decoded
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with concurrent.futures.ThreadPoolExecutor(_workers(len(files))) as pool:
+            modes = [m for m in pool.map(mode, files) if m is not None]
+    return bool(modes) and all(m in GRAYSCALE_MODES for m in modes)
+
+
+def _workers(n: int) -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), n))
+
+
+def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, cache: Path | None):
+    """Decode `files` with a thread per core (Pillow releases the GIL while decoding and resizing) into the cache
+    `cache` (or into memory where it is None, or cannot be allocated); returns (images, record)."""
+    from tqdm.auto import tqdm
+
+    shape = (len(files), image_size, image_size, channels)
+    target = _allocate(cache, shape) if cache is not None else None
+    images = target[1] if target else np.empty(shape, np.uint8)
+    count, bad, reasons, upscaled, all_gray = 0, [], [], [], True
 
     def one(f: Path):
         try:
-            return _decode_image(f, image_size), None
+            return _decode_image(f, image_size, channels), None
         except Exception as e:  # noqa: BLE001 - every failure makes the file "unreadable"
             return None, f"{type(e).__name__}: {e}"
 
-    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
-    keep = np.zeros(len(files), bool)
-    bad, reasons, upscaled = [], [], []
-    workers = min(8, os.cpu_count() or 1, max(1, len(files)))
     # Pillow only warns about images between MAX_IMAGE_PIXELS and twice that; make those errors too.
     # Warning filters are process-wide, so the decoding threads see this one.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for i, (result, why) in enumerate(pool.map(one, files)):
-                name = files[i].relative_to(root).as_posix()
+        with concurrent.futures.ThreadPoolExecutor(_workers(len(files))) as pool:
+            results = pool.map(one, files)
+            for f, (result, why) in tqdm(zip(files, results), total=len(files), desc=f"decoding {root}",
+                                         unit="img", dynamic_ncols=True, leave=False):
+                name = f.relative_to(root).as_posix()
                 if result is None:
                     bad.append(name)
                     reasons.append(why)
-                else:
-                    images[i], small = result
-                    keep[i] = True
-                    if small:
-                        upscaled.append(name)
-    return images[keep], bad, reasons, upscaled
+                    continue
+                images[count], small, gray = result  # the usable images, in order, from row 0
+                count, all_gray = count + 1, all_gray and gray
+                if small:
+                    upscaled.append(name)
+    record = {"count": count, "bad": bad, "reasons": reasons, "upscaled": upscaled, "all_gray": all_gray}
+    if target is None:
+        return images[:count], record
+    try:
+        _complete(cache, target, count, record)
+    except OSError as e:
+        warnings.warn(f"could not write cache {cache}: {e}")
+        return np.array(images[:count]), record
+    finally:
+        Path(target[0]).unlink(missing_ok=True)
+    return np.load(cache, mmap_mode="r"), record
+
+
+def _allocate(cache: Path, shape) -> tuple[str, np.ndarray] | None:
+    """A .npy temp file beside `cache` with disk space reserved for `shape` uint8 (so that a full disk is an
+    error now, not a crash while writing through the map), mapped for writing; None (with a warning) if the
+    space is not there."""
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.stem, suffix=".tmp")
+    os.close(fd)
+    try:
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        return tmp, images
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"could not write cache {cache}: {e}; decoding into memory instead")
+        return None
+
+
+def _complete(cache: Path, target: tuple[str, np.ndarray], count: int, record: dict) -> None:
+    """Move the decoded rows [0, count) of the temp file into `cache` (copying them when files were skipped),
+    then write the record beside it: the .npy is complete before the .json that makes it a cache exists."""
+    tmp, images = target
+    images.flush()
+    if count == len(images):
+        os.replace(tmp, cache)
+    else:
+        def write(f):
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (count, *images.shape[1:])})
+            for lo in range(0, count, 1024):
+                f.write(np.ascontiguousarray(images[lo:min(count, lo + 1024)]).tobytes())
+
+        _replace_atomically(cache, write)
+    _replace_atomically(cache.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
+    _remove_stale(cache)
