@@ -1,6 +1,9 @@
 """Which sampler, at how many steps? SWD and colour W1 of sample sets from a trained model, with wall time.
 
-    python experiments/compare_samplers.py --checkpoint runs/default [--num 128] [--sets 2] [--out docs/sampling]
+    python experiments/compare_samplers.py --checkpoint runs/default [--num 128] [--sets 2] [--out FILE.json]
+    python experiments/compare_samplers.py --spacings --out docs/sampling/spacings.json
+
+--spacings compares the DPM-Solvers at 20 steps under each of diffusers' time spacings instead.
 
 For each sampler and step count: --sets sets of --num images (seeds 7, 8, ...), each one program split over the
 devices, scored against --held-out held-out tiles (embedded seed 1, never trained on) by SWD and colour W1
@@ -28,13 +31,16 @@ from ddpm_jax.workdirs import read_config
 
 HELD_OUT_SEED = 1
 FIRST_SEED = 7
-# (sampler, steps, eta); eta only matters to DDIM.
-CONFIGS = [("dpmsolver++", s, 0.0) for s in (10, 20, 50)] + [("sde-dpmsolver++", s, 0.0) for s in (10, 20, 50)] + [
-    ("ddim", s, e) for e in (0.0, 1.0) for s in (20, 50, 100)] + [("ddpm", 1000, 0.0)]
+# (sampler, steps, eta, spacing); eta only matters to DDIM, the spacing only to the DPM-Solvers.
+CONFIGS = [("dpmsolver++", s, 0.0, "linspace") for s in (10, 20, 50)] + [
+    ("sde-dpmsolver++", s, 0.0, "linspace") for s in (10, 20, 50)] + [
+    ("ddim", s, e, "linspace") for e in (0.0, 1.0) for s in (20, 50, 100)] + [("ddpm", 1000, 0.0, "linspace")]
+SPACING_CONFIGS = [(sampler, 20, 0.0, spacing) for sampler in diffusion.DPM_SOLVERS for spacing in diffusion.SPACINGS]
 
 
-def name(sampler: str, steps: int, eta: float) -> str:
-    return f"{sampler} {steps}" + (f" eta {eta:g}" if sampler == "ddim" else "")
+def name(sampler: str, steps: int, eta: float, spacing: str = "linspace") -> str:
+    return (f"{sampler} {steps}" + (f" eta {eta:g}" if sampler == "ddim" else "")
+            + (f" {spacing}" if spacing != "linspace" else ""))
 
 
 def main(argv=None) -> None:
@@ -45,7 +51,9 @@ def main(argv=None) -> None:
     p.add_argument("--ddpm-sets", type=int, default=1, help="sample sets of DDPM-1000 (default 1)")
     p.add_argument("--held-out", type=int, default=1024, help="held-out tiles (default 1024)")
     p.add_argument("--out", type=Path, default=Path("docs/sampling/samplers.json"))
+    p.add_argument("--spacings", action="store_true", help="the DPM-Solvers at 20 steps under each time spacing")
     args = p.parse_args(argv)
+    configs = SPACING_CONFIGS if args.spacings else CONFIGS
 
     runtime.use_cpu_cores_as_devices(args.num)
     runtime.enable_compilation_cache()
@@ -57,14 +65,15 @@ def main(argv=None) -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["machine"] = {"cpu": platform.processor() or platform.machine(), "devices": jax.device_count(),
                           "backend": jax.default_backend(), "num": args.num, "held_out": args.held_out}
-    for sampler, steps, eta in CONFIGS:
-        key_name = name(sampler, steps, eta)
+    for sampler, steps, eta, spacing in configs:
+        key_name = name(sampler, steps, eta, spacing)
         entry = results.setdefault(key_name, {"sets": []})
         sets = args.ddpm_sets if sampler == "ddpm" else args.sets
         for i in range(len(entry["sets"]), sets):
             t0 = time.perf_counter()
             images = diffusion.sample(model, schedule, jax.random.key(FIRST_SEED + i), args.num, run.image_size,
-                                      sampler=sampler, steps=steps, eta=eta, batch_sharding=sharding)
+                                      sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                                      batch_sharding=sharding)
             images = np.asarray(images, np.float32)
             seconds = time.perf_counter() - t0
             fake = to_uint8(np.clip(images, 0, 1))
@@ -73,15 +82,15 @@ def main(argv=None) -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{key_name}: set {i}: SWD {entry['sets'][-1]['swd']:.1f}, {seconds:.1f} s", flush=True)
-    print(table(results))
+    print(table(results, configs))
 
 
-def table(results: dict) -> str:
+def table(results: dict, configs: list) -> str:
     """Markdown: per sampler the mean SWD (min-max over sets), colour W1, and the wall time of a set after the
     first (the first's extra seconds are its compile)."""
     rows = ["| sampler | SWD (sets: min-max) | colour W1 | wall per set | compile |", "|---|---|---|---|---|"]
-    for sampler, steps, eta in CONFIGS:
-        sets = results.get(name(sampler, steps, eta), {}).get("sets", [])
+    for config in configs:
+        sets = results.get(name(*config), {}).get("sets", [])
         if not sets:
             continue
         swds, times = [s["swd"] for s in sets], [s["seconds"] for s in sets]
@@ -89,7 +98,7 @@ def table(results: dict) -> str:
         wall = f"{run_s:.1f} s" if run_s else f"{times[0]:.1f} s (with compile)"
         compile_s = f"{times[0] - run_s:.1f} s" if run_s else ""
         spread = f" ({min(swds):.1f}-{max(swds):.1f})" if len(swds) > 1 else ""
-        rows.append(f"| {name(sampler, steps, eta)} | {statistics.mean(swds):.1f}{spread} | "
+        rows.append(f"| {name(*config)} | {statistics.mean(swds):.1f}{spread} | "
                     f"{statistics.mean(s['colour_w1'] for s in sets):.2f} | {wall} | {compile_s} |")
     return "\n".join(rows)
 

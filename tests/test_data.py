@@ -2,6 +2,7 @@
 
 import gc
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -149,13 +150,19 @@ def test_grayscale_folders_decode_to_one_channel_unless_told(tmp_path, no_user_c
     assert luma.shape == (3, 8, 8, 1) and (luma[2] == round(0.299 * 255)).all()
 
 
-def test_a_skipped_file_leaves_no_gap_in_the_cache(tmp_path, no_user_cache):
+def test_decoding_uses_every_core_shows_progress_and_leaves_no_gap(tmp_path, no_user_cache, monkeypatch, capsys):
     d = tmp_path / "d"
     save(d / "a.png", solid(RED))
     (d / "b.png").write_bytes(b"broken")
     save(d / "c.png", solid(BLUE))
+    pools, pool = [], folder.concurrent.futures.ThreadPoolExecutor
+    monkeypatch.setattr(folder.concurrent.futures, "ThreadPoolExecutor", lambda n: pools.append(n) or pool(n))
+    monkeypatch.setattr(folder.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar shows on terminals only
     with pytest.warns(UserWarning, match="b.png"):
         out = load_image_folder(d, 8)
+    assert pools == [3, 3]  # the grayscale check of the headers, then the decoding: a thread per core (3 files)
+    assert f"decoding {d}:" in capsys.readouterr().err  # a tqdm bar over the 3 files
     assert isinstance(out, np.memmap) and out.shape == (2, 8, 8, 3)
     assert (out[0] == RED).all() and (out[1] == BLUE).all()
     assert not list((d / data.CACHE_DIR_NAME).glob("*.tmp"))  # the temp file of the decode is gone

@@ -57,6 +57,23 @@ def test_load_images_junk_npz_is_not_an_npz(tmp_path):
     np.testing.assert_array_equal(load_images(str(tmp_path / "array.npz"), None), u8)
 
 
+def test_load_images_npy_is_memory_mapped_and_checked(tmp_path):
+    np.save(tmp_path / "gray.npy", np.arange(5 * 8 * 8, dtype=np.uint8).reshape(5, 8, 8, 1))
+    out = load_images(str(tmp_path / "gray.npy"), 8, channels=None)
+    assert isinstance(out, np.memmap) and out.shape == (5, 8, 8, 1) and out[4, 7, 7, 0] == (5 * 64 - 1) % 256
+    assert load_images(str(tmp_path / "gray.npy"), None, num=2, channels=1).shape == (2, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"gray.npy: images have 1 channel\(s\), expected 3"):
+        load_images(str(tmp_path / "gray.npy"), 8)
+    with pytest.raises(ValueError, match="gray.npy: images are 8x8 px, expected 16x16"):
+        load_images(str(tmp_path / "gray.npy"), 16, channels=None)
+    np.save(tmp_path / "float.npy", np.zeros((5, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"float.npy: holds float32 \(5, 8, 8, 3\); expected uint8 images"):
+        load_images(str(tmp_path / "float.npy"), 8)
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.npy: cannot read as a .npy array of images"):
+        load_images(str(tmp_path / "junk.npy"), 8)
+
+
 def test_png_writers_round_to_the_nearest_level_and_clip(tmp_path):
     """Grids and single images hold the same pixels: round(255 x) of x clipped to [0, 1]; one channel is grayscale."""
     u8 = make_images(5, size=4, seed=3)

@@ -217,7 +217,7 @@ def load_image_folder(path, image_size: int, *, channels: int | None = None, str
     `Image.MAX_IMAGE_PIXELS`, directories named like images) are skipped with a warning each and a
     summary; with `strict=True` the first one raises `DataError`.
 
-    Decoding happens once, on every core, with a progress bar, straight into the cache: a .npy file in
+    Decoding happens once, on every core, with a progress bar on a terminal, straight into the cache: a .npy file in
     `cache_dir` (default `<path>/.ddpm_cache/`, or `~/.cache/ddpm_jax` when the folder is read-only), keyed by
     the relative paths, sizes and modification times of the files, `image_size`, `channels`, the Pillow version
     and `Image.MAX_IMAGE_PIXELS`, and renamed into place when complete.
@@ -307,7 +307,7 @@ def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, c
         with concurrent.futures.ThreadPoolExecutor(_workers(len(files))) as pool:
             results = pool.map(one, files)
             for f, (result, why) in tqdm(zip(files, results), total=len(files), desc=f"decoding {root}",
-                                         unit="img", dynamic_ncols=True, leave=False):
+                                         unit="img", dynamic_ncols=True, leave=False, disable=None):
                 name = f.relative_to(root).as_posix()
                 if result is None:
                     bad.append(name)
