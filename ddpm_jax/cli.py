@@ -146,7 +146,8 @@ def sample_parser() -> argparse.ArgumentParser:
                         help="where the DPM-Solvers' steps fall, as diffusers' timestep_spacing (default linspace)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (with it, the sampler runs in chunks; the images are the same)")
+                        help="no progress bar, as when stderr is not a terminal (with it, the sampler runs in "
+                        "chunks; the images are the same)")
     parser.add_argument("--image-size", type=int, help=f"default: the run's, else {DEFAULTS.image_size}")
     parser.add_argument("--schedule", choices=CHOICES["schedule"], help=f"default: the run's, else {DEFAULTS.schedule}")
     parser.add_argument("--timesteps", type=int, help=f"default: the run's, else {DEFAULTS.timesteps}")
@@ -172,7 +173,7 @@ def _sample(args: argparse.Namespace) -> None:
     samples = sample_checkpoint(args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                 seed=args.seed, image_size=args.image_size, schedule=args.schedule,
                                 timesteps=args.timesteps, ema=args.ema, spacing=args.spacing,
-                                progress=args.progress)
+                                progress=args.progress and sys.stderr.isatty())
     images.save_grid(samples, out)
     if out_dir:
         images.save_images(samples, out_dir)

@@ -152,6 +152,8 @@ def initial_carry(sampler: str, x_T):
 
 def _plan(model, schedule: Schedule, step_key, *, sampler: str, steps: int | None, eta: float, clip_denoised: bool,
           spacing: str) -> _Plan:
+    """`sampler`'s scan over `model` (eps_BHWC = model(x_BHWC, t_B)); the noise of step t is drawn from
+    fold_in(step_key, t), so any split of the steps into chunks draws the same noise."""
     T = schedule.num_timesteps
     n = num_steps(sampler, steps, T)
 
