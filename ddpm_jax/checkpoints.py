@@ -144,9 +144,9 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
 
     `path` is one of: a torch file (.pt/.pth) holding a U-Net state_dict, a DiffusionModel state_dict,
     or the article trainer's checkpoint; a .safetensors file holding a U-Net or DiffusionModel state_dict; a
-    model directory written by `convert to-flax`/`save_model`; a training workdir (its latest checkpoint) or one of its `checkpoints/<step>` folders. EMA weights
-    are taken where a checkpoint has them, unless ema=False. The architecture comes from the weights
-    or the saved config; nothing has to be passed by hand.
+    model directory written by `convert to-flax`/`save_model`; a training workdir (its latest checkpoint) or one
+    of its `checkpoints/<step>` folders. EMA weights are taken where a checkpoint has them, unless ema=False. The
+    architecture comes from the weights or the saved config; nothing has to be passed by hand.
     """
     path = Path(path)
     if not path.is_dir():

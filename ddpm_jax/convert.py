@@ -175,9 +175,14 @@ def read_weights_file(path) -> object:
         raise ConversionError(f"{path}: no such file")
     if path.suffix == SAFETENSORS:
         import safetensors.numpy
+        import safetensors.torch
 
         try:
             return safetensors.numpy.load_file(path)
+        except Exception:  # noqa: BLE001 - a dtype numpy lacks (bf16) reads through torch; else the error below
+            pass
+        try:
+            return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors reports a truncated or foreign file as SafetensorError
             raise ConversionError(f"{path}: is not a readable safetensors file ({type(e).__name__}: {e})") from None
     import torch

@@ -95,6 +95,9 @@ def dpm_solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspac
         times = np.arange(num_timesteps, 0, -num_timesteps / steps).round() - 1
     else:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    if len(np.unique(times)) < steps:  # leading with steps >= T: T // (steps + 1) = 0, and h = 0 divides
+        raise ValueError(f"--steps {steps} with --spacing {spacing}: times repeat at T = {num_timesteps}; "
+                         f"expected fewer steps or another spacing")
     return times.astype(np.int32)
 
 
@@ -261,11 +264,15 @@ def _chunk_jit(graphdef, state, schedule, step_key, eta, carry, first, shape, sa
     plan = _plan(nnx.merge(graphdef, state), schedule, step_key, sampler=sampler, steps=steps, eta=eta,
                  clip_denoised=True, spacing=spacing)
     xs = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, first, length), plan.xs)
-    return jax.lax.scan(lambda c, xs_i: (plan.body(c, xs_i), None), carry, xs)[0]
+    carry = jax.lax.scan(lambda c, xs_i: (plan.body(c, xs_i), None), carry, xs)[0]
+    if batch_sharding is not None:  # the next chunk's input keeps the batch split over the devices
+        carry = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, batch_sharding), carry)
+    return carry
 
 
 def chunk_length(n: int, chunks: int = 20) -> int:
-    """The largest divisor of n that makes at least `chunks` chunks (one whole chunk when n < chunks)."""
+    """The largest divisor of n that makes at least `chunks` chunks: steps of one when n < 2 * chunks (or n is
+    prime)."""
     return max(d for d in range(1, max(1, n // chunks) + 1) if n % d == 0)
 
 

@@ -39,6 +39,8 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool =
 
 def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: bool, strict: bool) -> TrainState:
     is_writer = jax.process_index() == 0
+    if config.channels is None and (workdir / workdirs.CONFIG_JSON).is_file():  # a resumed run keeps its own
+        config = dataclasses.replace(config, channels=workdirs.read_config(workdir).channels)
     num = config.embedded_size if config.data == data.EMBEDDED_NAME else None
     dataset = images.load_images(config.data, config.image_size, num=num, strict=strict, channels=config.channels)
     if config.channels is None:
@@ -58,12 +60,13 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
 
     step_fn = jit_train_step(config, graphdef, schedule, tx, replicated)
     key = jax.random.key(config.seed)
-    with TensorBoard(workdir, is_writer) as board, CheckpointSaver(workdir, config) as saver:
-        draw = GridSampler(workdir, config, graphdef, schedule, board)
+    with CheckpointSaver(workdir, config) as saver:
         state = saver.restore(abstract) or initial_state(config, tx, replicated)
         start = int(state.step)
-        with (MetricsLog(workdir, config, start, board, progress) as log, runtime.StopSignals() as stop,
+        with (TensorBoard(workdir, is_writer, start) as board,
+              MetricsLog(workdir, config, start, board, progress) as log, runtime.StopSignals() as stop,
               data.Prefetcher(host_batch, start, sharding=batch_sharding) as batches):
+            draw = GridSampler(workdir, config, graphdef, schedule, board)
             for step, batch in batches:
                 if step >= config.steps:
                     break
@@ -92,9 +95,10 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
 
 class TensorBoard:
     """Process 0's TensorBoard events in <workdir>/tensorboard/, for `tensorboard --logdir runs/`: the scalars of
-    metrics.jsonl as train/<name>, each sample grid as the image `samples`. Other processes write nothing."""
+    metrics.jsonl as train/<name>, each sample grid as the image `samples`. Other processes write nothing. A run
+    resumed at step `start` hides what an earlier process logged from `start` on (it is logged again)."""
 
-    def __init__(self, workdir: Path, is_writer: bool):
+    def __init__(self, workdir: Path, is_writer: bool, start: int):
         self.is_writer, self.writer = is_writer, None
         if not is_writer:
             return
@@ -102,7 +106,7 @@ class TensorBoard:
 
         folder = workdir / workdirs.TENSORBOARD
         try:
-            self.writer = SummaryWriter(str(folder), flush_secs=30)
+            self.writer = SummaryWriter(str(folder), flush_secs=30, purge_step=start or None)
         except OSError as e:
             raise OSError(f"{folder}: cannot write TensorBoard events there ({e.strerror or e}); make it a writable "
                           f"folder or move what is in the way, then run the same command") from None

@@ -134,6 +134,17 @@ def test_safetensors_both_ways_bit_exact_without_pickle(tmp_path, monkeypatch, c
     _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "unet.safetensors")[0]))
 
 
+def test_a_bf16_safetensors_file_loads_as_float32(tmp_path):
+    """numpy has no bfloat16: such a file (as hubs hold) is read through safetensors.torch."""
+    from safetensors.torch import save_file
+
+    unet = _unet("TwoResUNet", dim=8, dim_mults=(1, 2))
+    half = {k: v.to(torch.bfloat16) for k, v in unet.state_dict().items()}
+    save_file(half, tmp_path / "unet.safetensors")
+    model, _ = load_model(tmp_path / "unet.safetensors")
+    _assert_same_weights({k: v.float() for k, v in half.items()}, to_torch_state(model))
+
+
 def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -143,6 +143,7 @@ def test_grayscale_folders_decode_to_one_channel_unless_told(tmp_path, no_user_c
     assert folder.grayscale_folder(gray, 8)  # now answered by the cache's record
     rgb = load_image_folder(gray, 8, channels=3)
     assert rgb.shape == (2, 8, 8, 3) and (rgb == out).all()
+    assert len(list((gray / data.CACHE_DIR_NAME).glob("*.npy"))) == 2  # both caches stay
 
     save(gray / "c.png", solid(RED))
     assert not folder.grayscale_folder(gray, 8) and load_image_folder(gray, 8).shape == (3, 8, 8, 3)
@@ -166,6 +167,29 @@ def test_decoding_uses_every_core_shows_progress_and_leaves_no_gap(tmp_path, no_
     assert isinstance(out, np.memmap) and out.shape == (2, 8, 8, 3)
     assert (out[0] == RED).all() and (out[1] == BLUE).all()
     assert not list((d / data.CACHE_DIR_NAME).glob("*.tmp"))  # the temp file of the decode is gone
+
+
+def test_an_unreadable_colour_file_counts_as_colour_before_and_after_decoding(tmp_path, no_user_cache):
+    """Grayscale is judged from the headers of every file: the first load and the cache's record agree."""
+    d = tmp_path / "d"
+    save(d / "a.png", solid(100, mode="L"))
+    save(d / "b.png", Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)))
+    (d / "b.png").write_bytes((d / "b.png").read_bytes()[:100])  # truncated after its header, which says RGB
+    for _ in range(2):  # decoded, then from the cache
+        with pytest.warns(UserWarning, match="b.png"):
+            assert load_image_folder(d, 8).shape == (1, 8, 8, 3)
+
+
+def test_an_interrupted_decode_leaves_no_temp_file(tmp_path, no_user_cache, monkeypatch):
+    d = tmp_path / "d"
+    for k in range(4):
+        save(d / f"{k}.png", solid(RED))
+    decode = folder._decode_image
+    monkeypatch.setattr(folder, "_decode_image", lambda f, *a: decode(f, *a) if f.name != "2.png" else
+                        (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        load_image_folder(d, 8)
+    assert list((d / data.CACHE_DIR_NAME).iterdir()) == []
 
 
 def test_exif_orientation_is_applied(tmp_path, no_user_cache):

@@ -60,6 +60,12 @@ def test_progress_runs_the_sampler_in_chunks_with_bit_identical_images(torch_che
     assert [diffusion.chunk_length(n) for n in (1000, 40, 7, 20, 3)] == [50, 2, 1, 1, 1]
 
 
+def test_a_spacing_whose_times_repeat_is_a_clear_error():
+    assert list(diffusion.dpm_solver_timesteps(100, 99, "leading"))[-2:] == [2, 1]
+    with pytest.raises(ValueError, match="--steps 100 with --spacing leading: times repeat at T = 100"):
+        diffusion.dpm_solver_timesteps(100, 100, "leading")
+
+
 def test_ddpm_sampler_from_model_directory(tmp_path, torch_checkpoint):
     from ddpm_jax.cli import convert_main as convert
 

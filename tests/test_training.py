@@ -208,6 +208,9 @@ def test_a_grayscale_folder_trains_one_channel_through_to_the_converter(tmp_path
     assert model.channels == config.channels == 1
     assert cli.train_main([*flags, "--steps", "9", "--channels", "3"]) == 1
     assert "different model or noise schedule (--channels 1 -> 3)" in capsys.readouterr().err
+    # Without the flag a resumed run keeps its channel count, though the folder is no longer all grayscale.
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(gray / "colour.png")
+    assert cli.train_main(flags) == 0, capsys.readouterr().err
     assert cli.convert_main(["to-torch", str(run), str(tmp_path / "unet.safetensors")]) == 0
     assert "verified:" in capsys.readouterr().out
 

@@ -166,7 +166,7 @@ def _replace_atomically(path: Path, write) -> None:
 
 def _remove_stale(path: Path) -> None:
     """Delete this folder's caches of other file sets (and of older versions of this module)."""
-    stale_prefix = path.name[: path.name.index("px-") + 3]
+    stale_prefix = path.name[: path.name.rindex("-") + 1]  # <folder hash>-<size>px-<channels>c-
     for old in path.parent.glob(stale_prefix + "*"):
         if old.stem != path.stem and old.suffix in (".npy", ".json", ".npz"):
             old.unlink(missing_ok=True)
@@ -266,22 +266,26 @@ def grayscale_folder(path, image_size: int, *, cache_dir=None, _caches=None, _fi
         with contextlib.suppress(Exception):  # no cache, or a damaged one: the headers say it
             return bool(json.loads(cache.with_suffix(".json").read_text())["all_gray"])
 
-    def mode(f: Path) -> str | None:
-        try:
-            with Image.open(f) as im:
-                return im.mode
-        except Exception:  # noqa: BLE001 - unreadable files are reported when decoding
-            return None
-
     with warnings.catch_warnings():  # a decompression bomb's warning comes when it is decoded
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with concurrent.futures.ThreadPoolExecutor(_workers(len(files))) as pool:
-            modes = [m for m in pool.map(mode, files) if m is not None]
+            modes = [m for m in pool.map(_header_mode, files) if m is not None]
     return bool(modes) and all(m in GRAYSCALE_MODES for m in modes)
 
 
+def _header_mode(f: Path) -> str | None:
+    """The Pillow mode in the file's header, None if it does not open. Grayscale is judged by this for every
+    file, decodable or not, both before decoding and in the cache's record, so that both say the same."""
+    try:
+        with Image.open(f) as im:
+            return im.mode
+    except Exception:  # noqa: BLE001 - unreadable files are reported when decoding
+        return None
+
+
 def _workers(n: int) -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), n))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, n))
 
 
 def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, cache: Path | None):
@@ -300,31 +304,39 @@ def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, c
         except Exception as e:  # noqa: BLE001 - every failure makes the file "unreadable"
             return None, f"{type(e).__name__}: {e}"
 
-    # Pillow only warns about images between MAX_IMAGE_PIXELS and twice that; make those errors too.
-    # Warning filters are process-wide, so the decoding threads see this one.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with concurrent.futures.ThreadPoolExecutor(_workers(len(files))) as pool:
-            results = pool.map(one, files)
-            for f, (result, why) in tqdm(zip(files, results), total=len(files), desc=f"decoding {root}",
+    pool = concurrent.futures.ThreadPoolExecutor(_workers(len(files)))
+    try:
+        # Pillow only warns about images between MAX_IMAGE_PIXELS and twice that; make those errors too.
+        # Warning filters are process-wide, so the decoding threads see this one.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            for f, (result, why) in tqdm(zip(files, pool.map(one, files)), total=len(files), desc=f"decoding {root}",
                                          unit="img", dynamic_ncols=True, leave=False, disable=None):
                 name = f.relative_to(root).as_posix()
                 if result is None:
                     bad.append(name)
                     reasons.append(why)
+                    mode = _header_mode(f)
+                    all_gray = all_gray and (mode is None or mode in GRAYSCALE_MODES)
                     continue
                 images[count], small, gray = result  # the usable images, in order, from row 0
                 count, all_gray = count + 1, all_gray and gray
                 if small:
                     upscaled.append(name)
+    except BaseException:  # Ctrl-C or a failure: no decode queued, no temp file of the dataset's size left
+        pool.shutdown(wait=True, cancel_futures=True)
+        if target is not None:
+            Path(target[0]).unlink(missing_ok=True)
+        raise
+    pool.shutdown()
     record = {"count": count, "bad": bad, "reasons": reasons, "upscaled": upscaled, "all_gray": all_gray}
     if target is None:
         return images[:count], record
     try:
         _complete(cache, target, count, record)
-    except OSError as e:
-        warnings.warn(f"could not write cache {cache}: {e}")
-        return np.array(images[:count]), record
+    except OSError as e:  # the rows stay readable through the map after the temp file's name is gone
+        warnings.warn(f"could not write cache {cache}: {e}; the images are decoded again next time")
+        return images[:count], record
     finally:
         Path(target[0]).unlink(missing_ok=True)
     return np.load(cache, mmap_mode="r"), record
@@ -338,8 +350,9 @@ def _allocate(cache: Path, shape) -> tuple[str, np.ndarray] | None:
     os.close(fd)
     try:
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        with open(tmp, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
         return tmp, images
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
