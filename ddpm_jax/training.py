@@ -8,6 +8,7 @@ import dataclasses
 import json
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -123,7 +124,10 @@ class TensorBoard:
 
     def __exit__(self, *exc) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:  # a full disk: the run's own error (or success) is what the user must see
+                warnings.warn(f"{self.writer.logdir}: the last TensorBoard events were not written ({e})")
 
 
 class MetricsLog:
@@ -241,8 +245,12 @@ class CheckpointSaver:
     def __enter__(self) -> "CheckpointSaver":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.manager.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self.manager.close()
+        except Exception:  # Orbax re-raises a failed save's error here; the run's own error already says it
+            if exc_type is None:
+                raise
 
 
 class GridSampler:

@@ -99,12 +99,11 @@ def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
     (model_dir / "config.json").write_text(run.to_json())
     explicit = ["--num", "4", "--sampler", "ddim", "--steps", "3", "--timesteps", "100", "--image-size", "16",
                 "--schedule", "cosine"]
-    assert main(["--checkpoint", str(model_dir), "--out", str(tmp_path / "run.png")]) == 0
     assert main(["--checkpoint", str(model_dir), "--num", "4", "--out", str(tmp_path / "run4.png")]) == 0
     assert main(["--checkpoint", str(model_dir), *explicit, "--eta", "1", "--out", str(tmp_path / "eta1.png")]) == 0
     assert main(["--checkpoint", str(model_dir), *explicit, "--eta", "0", "--out", str(tmp_path / "eta0.png")]) == 0
     run4, eta1, eta0 = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("run4", "eta1", "eta0"))
-    assert np.asarray(Image.open(tmp_path / "run.png")).shape == (64, 64, 3)  # 16 images of the run's 16 px
+    assert run4.shape == (32, 32, 3)  # 4 images of the run's 16 px
     assert np.array_equal(run4, eta1) and not np.array_equal(run4, eta0)
 
 
