@@ -158,34 +158,26 @@ def unet_state_from_checkpoint(obj, *, ema: bool = True, source: str = "checkpoi
         obj = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in obj.items()}
     state = {}
     for k, v in obj.items():
-        if isinstance(v, np.ndarray):  # a safetensors file's
-            state[k] = v.astype(np.float32)
-        elif hasattr(v, "detach"):
-            state[k] = v.detach().cpu().float().numpy()
-        else:
+        if not hasattr(v, "detach"):
             raise ConversionError(f"{source}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+        state[k] = v.detach().cpu().float().numpy()
     return state
 
 
 def read_weights_file(path) -> object:
-    """A torch file (torch.load with weights_only=True) or a .safetensors file (numpy arrays; no pickle at all);
-    a clear error for a missing, foreign, damaged or unsafe file."""
+    """A torch file (torch.load with weights_only=True) or a .safetensors file (no pickle at all; any dtype,
+    bf16 included); a clear error for a missing, foreign, damaged or unsafe file."""
+    import safetensors.torch
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     if path.suffix == SAFETENSORS:
-        import safetensors.numpy
-        import safetensors.torch
-
-        try:
-            return safetensors.numpy.load_file(path)
-        except Exception:  # noqa: BLE001 - a dtype numpy lacks (bf16) reads through torch; else the error below
-            pass
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors reports a truncated or foreign file as SafetensorError
             raise ConversionError(f"{path}: is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    import torch
 
     # torch.save writes a zip archive, or in its legacy format a pickle (PROTO opcode first). Anything
     # else is read as a pickle too, and fails with the UnpicklingError of a checkpoint holding code.
@@ -208,17 +200,16 @@ def write_weights_file(model: nnx.Module, path) -> Path:
     """Save the model's weights as a reference U-Net state_dict, which loads with `load_state_dict(strict=True)`:
     `torch.save` format, or safetensors where `path` ends in .safetensors (read it with
     `safetensors.torch.load_file`)."""
+    import safetensors.torch
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = to_torch_state(model)
+    state = {k: torch.from_numpy(v) for k, v in to_torch_state(model).items()}
     if path.suffix == SAFETENSORS:
-        import safetensors.numpy
-
-        safetensors.numpy.save_file(state, path)
+        safetensors.torch.save_file(state, path)
     else:
-        import torch
-
-        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+        torch.save(state, path)
     return path
 
 

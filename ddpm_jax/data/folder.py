@@ -237,7 +237,7 @@ def load_image_folder(path, image_size: int, *, channels: int | None = None, str
 
     caches = _cache_files(root, files, image_size, cache_dir) if files else None
     if channels is None:
-        channels = 1 if grayscale_folder(root, image_size, cache_dir=cache_dir, _caches=caches, _files=files) else 3
+        channels = 1 if _all_grayscale(files, caches) else 3
     cache = caches[channels] if caches else None
     loaded = _load_cache(cache) if cache is not None else None
     if loaded is None:
@@ -256,12 +256,15 @@ def load_image_folder(path, image_size: int, *, channels: int | None = None, str
     return images
 
 
-def grayscale_folder(path, image_size: int, *, cache_dir=None, _caches=None, _files=None) -> bool:
+def grayscale_folder(path, image_size: int, *, cache_dir=None) -> bool:
     """Whether every readable image under `path` is grayscale (Pillow modes 1, L, LA, I, F, I;16): from a cache's
     record where one exists, else from the files' headers."""
     root = Path(path)
-    files = _files if _files is not None else list_images(root)[0]
-    caches = _caches if _caches is not None else _cache_files(root, files, image_size, cache_dir) if files else None
+    files = list_images(root)[0]
+    return _all_grayscale(files, _cache_files(root, files, image_size, cache_dir) if files else None)
+
+
+def _all_grayscale(files: list[Path], caches: dict[int, Path] | None) -> bool:
     for cache in (caches or {}).values():
         with contextlib.suppress(Exception):  # no cache, or a damaged one: the headers say it
             return bool(json.loads(cache.with_suffix(".json").read_text())["all_gray"])
@@ -368,12 +371,6 @@ def _complete(cache: Path, target: tuple[str, np.ndarray], count: int, record: d
     if count == len(images):
         os.replace(tmp, cache)
     else:
-        def write(f):
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
-                                                     "shape": (count, *images.shape[1:])})
-            for lo in range(0, count, 1024):
-                f.write(np.ascontiguousarray(images[lo:min(count, lo + 1024)]).tobytes())
-
-        _replace_atomically(cache, write)
+        _replace_atomically(cache, lambda f: np.save(f, images[:count]))
     _replace_atomically(cache.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
     _remove_stale(cache)
