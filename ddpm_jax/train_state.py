@@ -5,6 +5,7 @@ resumed run replays exactly what an uninterrupted one would have done. `jit_trai
 trainer runs it; the benchmark reuses it.
 """
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -96,8 +97,17 @@ def jit_train_step(config: TrainConfig, graphdef: nnx.GraphDef, schedule: Schedu
     )
 
 
-def initial_state(config: TrainConfig, tx, sharding) -> TrainState:
-    """A fresh run's state, initialised on the devices of `sharding` by a program compiled without the
-    optimisations a program that runs once does not need (`runtime.run_once_compiler_options`)."""
-    return jax.jit(lambda: init_state(config, tx)[1], out_shardings=sharding,
-                   compiler_options=runtime.run_once_compiler_options())()
+def initial_state(config: TrainConfig, tx, sharding) -> tuple[nnx.GraphDef, TrainState, Callable[[], TrainState]]:
+    """`(graphdef, abstract, init)` from one trace of the model: its graph, the state as ShapeDtypeStructs on
+    `sharding` (what a restore fills), and `init()`, which initialises a fresh run's state on those devices by a
+    program compiled without the optimisations a program that runs once does not need
+    (`runtime.run_once_compiler_options`)."""
+    graphdef = None
+
+    def init():
+        nonlocal graphdef
+        graphdef, state = init_state(config, tx)
+        return state
+
+    traced = jax.jit(init, out_shardings=sharding, compiler_options=runtime.run_once_compiler_options()).trace()
+    return graphdef, traced.out_info, lambda: traced.lower().compile()()

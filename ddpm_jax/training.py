@@ -20,7 +20,7 @@ from ddpm_jax import checkpoints, data, diffusion, images, runtime, workdirs
 from ddpm_jax.config import TrainConfig, validate
 from ddpm_jax.errors import StoppedBySignal, TrainingError
 from ddpm_jax.schedules import Schedule
-from ddpm_jax.train_state import TrainState, init_state, initial_state, jit_train_step, make_optimizer
+from ddpm_jax.train_state import TrainState, initial_state, jit_train_step, make_optimizer
 
 
 def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool = False) -> TrainState:
@@ -52,8 +52,7 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
     mesh = runtime.data_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(config)
-    graphdef, abstract = nnx.eval_shape(lambda: init_state(config, tx))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    graphdef, abstract, init = initial_state(config, tx, replicated)
 
     def host_batch(step):
         return data.get_batch(dataset, config.batch_size, config.seed, step,
@@ -62,7 +61,7 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
     step_fn = jit_train_step(config, graphdef, schedule, tx, replicated)
     key = jax.random.key(config.seed)
     with CheckpointSaver(workdir, config) as saver:
-        state = saver.restore(abstract) or initial_state(config, tx, replicated)
+        state = saver.restore(abstract) or init()
         start = int(state.step)
         with (TensorBoard(workdir, is_writer, start) as board,
               MetricsLog(workdir, config, start, board, progress) as log, runtime.StopSignals() as stop,
