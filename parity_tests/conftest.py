@@ -51,10 +51,27 @@ def check(concern: str, actual, expected, tolerance: float, metric: str = "abs")
         scale = float(np.abs(expected)[finite].max(initial=0.0))
         assert scale > 0, f"{concern}: the reference is all zeros, the comparison would prove nothing"
         error /= scale
-    worst = _WORST.get(concern, (-1.0, tolerance, metric))
-    _WORST[concern] = (max(worst[0], error), tolerance, metric)
+    _record(concern, error, tolerance, metric)
     assert error <= tolerance, f"{concern}: {metric} error {error:.3e} > {tolerance:.0e}"
     return error
+
+
+def _record(concern: str, error: float, tolerance: float, metric: str) -> None:
+    worst = _WORST.get(concern, (-1.0, tolerance, metric))
+    _WORST[concern] = (max(worst[0], error), tolerance, metric)
+
+
+# Under pytest-xdist (make test) the parity tests run in a worker process: it hands its worst errors to the
+# process that prints the summary.
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity_worst"] = dict(_WORST)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for concern, (worst, tolerance, metric) in getattr(node, "workeroutput", {}).get("parity_worst", {}).items():
+        _record(concern, worst, tolerance, metric)
 
 
 def pytest_terminal_summary(terminalreporter):
