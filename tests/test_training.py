@@ -125,15 +125,17 @@ def test_changed_model_or_fewer_steps_on_resume_is_an_error(tiny_run, tmp_path):
 
 
 def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(120)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert other.stdout.readline() == "up\n"  # running its own command line, which the error names
         (tmp_path / ".lock").write_text(f"{other.pid} {socket.gethostname()}")
         with pytest.raises(TrainingError, match=rf"in use by another run: process {other.pid} on .*sleep"):
             training.train(TINY, tmp_path, progress=False)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing of the other run touched
     finally:
         other.kill()
-        other.wait()
+        other.communicate()
     lock = workdirs.lock(tmp_path)  # its process has ended: the lock is stale
     assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
     workdirs.unlock(lock)
