@@ -17,4 +17,4 @@ train: $(STAMP)
 	$(VENV)/bin/python train.py $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -n 2

@@ -1,20 +1,31 @@
-"""How `make test` shares the suite between its two pytest-xdist workers (`-n 2 --dist loadgroup`): one group
-per test module, except that the trainer's tests (one tiny training run and its compiled programs between them)
-and the parity suite (its eager operations compile once per process) each stay in one process. The two big
-groups go first, so that the modules after them fill in on whichever worker is free."""
+"""`make test` runs the suite in two pytest-xdist processes (`-n 2`); this file gives xdist its units of work. One
+unit per test module, except that the trainer's tests (one tiny training run and its compiled programs between
+them) and the parity suite (its eager operations compile once per process) are one unit each. Those two go
+first, so that the modules after them fill in on whichever process is free."""
 
 import pytest
 
-_TRAINER = ("test_training.py", "test_robustness.py")
+_TRAINER = ("tests/test_training.py", "tests/test_robustness.py")
 
 
-def _group(item) -> str:
-    if item.path.name in _TRAINER:
+def _unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    if path in _TRAINER:
         return "trainer"
-    return "parity" if item.path.parent.name == "parity_tests" else item.path.name
+    return "parity" if path.startswith("parity_tests/") else path
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-    items.sort(key=lambda item: {"trainer": 0, "parity": 1}.get(_group(item), 2))  # stable: file order within
+    items.sort(key=lambda item: {"trainer": 0, "parity": 1}.get(_unit(item.nodeid), 2))  # stable: file order within
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # in the order above, not by the number of tests
+    return Units(config, log)
