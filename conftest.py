@@ -21,6 +21,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":  # another --dist was asked for (gpu_check.sh: worksteal on 8 processes)
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class Units(LoadScopeScheduling):

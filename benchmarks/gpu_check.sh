@@ -125,7 +125,7 @@ grep -E "passed|failed|differ|Error|tests? collected|test_training.py::" "$LOG" 
 
 # 5. The parity suite with JAX on the GPU (torch on the CPU), in parallel where pytest-xdist is there.
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && XDIST=(-n 8)
+"$PY" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && XDIST=(-n 8 --dist worksteal)
 step "parity suite" 120 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${PARITY[@]}"
 grep -E "passed|failed|tolerance|Error" "$LOG" | tail -n 40 >"$OUT/parity.log"
 
