@@ -17,6 +17,7 @@ from ddpm_jax.data import (
     DataError,
     Prefetcher,
     batch_indices,
+    cache,
     embedded_dataset,
     flip_mask,
     folder,
@@ -368,12 +369,12 @@ def test_cache_dir_argument_fallback_and_damaged_cache(tmp_path, monkeypatch):
 
     # A read-only folder: the cache goes to $XDG_CACHE_HOME/ddpm_jax.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    writable = folder._writable_dir
-    monkeypatch.setattr(folder, "_writable_dir", lambda p: p.name != data.CACHE_DIR_NAME and writable(p))
+    writable = cache.writable_dir
+    monkeypatch.setattr(cache, "writable_dir", lambda p: p.name != data.CACHE_DIR_NAME and writable(p))
     load_image_folder(d, 8)
-    (cache,) = (tmp_path / "xdg" / "ddpm_jax").glob("*.npy")
+    (npy,) = (tmp_path / "xdg" / "ddpm_jax").glob("*.npy")
 
-    cache.write_bytes(b"damaged")
+    npy.write_bytes(b"damaged")
     with pytest.warns(UserWarning, match="unreadable cache"):
         out = load_image_folder(d, 8)
     assert (out == RED).all()

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
-import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-import PIL
 from PIL import Image, ImageOps
 
+from ddpm_jax.data import cache
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-CACHE_DIR_NAME = ".ddpm_cache"
-_CACHE_VERSION = 3  # bump when decoding changes, so old caches are not reused
 GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 _LISTED_BAD = 5  # bad files named in the summary warning
 
@@ -41,7 +37,7 @@ def list_images(root: Path) -> tuple[list[Path], list[Path]]:
     """
     files, odd = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != CACHE_DIR_NAME)
+        dirnames[:] = sorted(d for d in dirnames if d != cache.DIR_NAME)
         for name in filenames + dirnames:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 path = Path(dirpath, name)
@@ -103,91 +99,6 @@ def _decode_image(path: Path, image_size: int, channels: int) -> tuple[np.ndarra
     return arr, upscaled, gray
 
 
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "ddpm_jax")
-
-
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-        return True
-    except OSError:
-        return False
-
-
-def _cache_files(root: Path, files: list[Path], image_size: int, cache_dir) -> dict[int, Path] | None:
-    """Where the decoded array for exactly these files (paths, sizes, mtimes) at this size lives, for 1 and for 3
-    channels: <dir>/[<folder hash>-]<size>px-<channels>c-<key hash>.npy, with its .json beside it."""
-    entries = []
-    for f in files:
-        st = f.stat()
-        entries.append([f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
-    if cache_dir is None:
-        candidates = [(root / CACHE_DIR_NAME, False), (_user_cache_dir(), True)]
-    else:
-        candidates = [(Path(cache_dir), True)]
-    for directory, shared in candidates:
-        if _writable_dir(directory):
-            break
-    else:
-        warnings.warn(f"no writable cache directory for {root} (tried {[str(d) for d, _ in candidates]}); "
-                      "images will be decoded again next time")
-        return None
-    key = {"version": _CACHE_VERSION, "pillow": PIL.__version__, "max_pixels": Image.MAX_IMAGE_PIXELS,
-           "image_size": image_size, "files": entries}
-    # A cache directory shared between folders also keys on which folder it is.
-    prefix = ""
-    if shared:
-        prefix = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12] + "-"
-        key["root"] = str(root.resolve())
-    paths = {}
-    for channels in (1, 3):
-        digest = hashlib.sha256(json.dumps({**key, "channels": channels}).encode()).hexdigest()[:24]
-        paths[channels] = directory / f"{prefix}{image_size}px-{channels}c-{digest}.npy"
-    return paths
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """write(file object) into a temp file beside `path`, then rename it to `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale(path: Path) -> None:
-    """Delete this folder's caches of other file sets (and of older versions of this module)."""
-    stale_prefix = path.name[: path.name.rindex("-") + 1]  # <folder hash>-<size>px-<channels>c-
-    for old in path.parent.glob(stale_prefix + "*"):
-        if old.stem != path.stem and old.suffix in (".npy", ".json", ".npz"):
-            old.unlink(missing_ok=True)
-
-
-def _load_cache(path: Path) -> tuple[np.ndarray, dict] | None:
-    """The memory-mapped array and its record, or None when either is missing or unreadable."""
-    try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-        warnings.warn(f"ignoring unreadable cache {path}: {e}")
-        return None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != meta.get("count"):
-        warnings.warn(f"ignoring inconsistent cache {path}")
-        return None
-    return images, meta
-
-
 def _report(root: Path, bad: list[str], reasons: list[str], upscaled: list[str], image_size: int,
             strict: bool) -> None:
     if bad and strict:
@@ -235,13 +146,13 @@ def load_image_folder(path, image_size: int, *, channels: int | None = None, str
         raise DataError(f"no images in {root}: expected files with extensions {', '.join(IMAGE_EXTENSIONS)} "
                         "(searched recursively)")
 
-    caches = _cache_files(root, files, image_size, cache_dir) if files else None
+    caches = cache.paths(root, files, image_size, cache_dir) if files else None
     if channels is None:
         channels = 1 if _all_grayscale(files, caches) else 3
-    cache = caches[channels] if caches else None
-    loaded = _load_cache(cache) if cache is not None else None
+    cached = caches[channels] if caches else None
+    loaded = cache.load(cached) if cached is not None else None
     if loaded is None:
-        loaded = _decode_all(root, files, image_size, channels, cache)
+        loaded = _decode_all(root, files, image_size, channels, cached)
     images, meta = loaded
     bad, reasons = list(meta["bad"]), list(meta["reasons"])
     for p in odd:  # not regular files: never cached, always reported
@@ -261,13 +172,13 @@ def grayscale_folder(path, image_size: int, *, cache_dir=None) -> bool:
     record where one exists, else from the files' headers."""
     root = Path(path)
     files = list_images(root)[0]
-    return _all_grayscale(files, _cache_files(root, files, image_size, cache_dir) if files else None)
+    return _all_grayscale(files, cache.paths(root, files, image_size, cache_dir) if files else None)
 
 
 def _all_grayscale(files: list[Path], caches: dict[int, Path] | None) -> bool:
-    for cache in (caches or {}).values():
+    for path in (caches or {}).values():
         with contextlib.suppress(Exception):  # no cache, or a damaged one: the headers say it
-            return bool(json.loads(cache.with_suffix(".json").read_text())["all_gray"])
+            return bool(cache.read_record(path)["all_gray"])
 
     with warnings.catch_warnings():  # a decompression bomb's warning comes when it is decoded
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -291,13 +202,13 @@ def _workers(n: int) -> int:
     return max(1, min(cores, n))
 
 
-def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, cache: Path | None):
+def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, cached: Path | None):
     """Decode `files` with a thread per core (Pillow releases the GIL while decoding and resizing) into the cache
-    `cache` (or into memory where it is None, or cannot be allocated); returns (images, record)."""
+    `cached` (or into memory where it is None, or cannot be allocated); returns (images, record)."""
     from tqdm.auto import tqdm
 
     shape = (len(files), image_size, image_size, channels)
-    target = _allocate(cache, shape) if cache is not None else None
+    target = cache.allocate(cached, shape) if cached is not None else None
     images = target[1] if target else np.empty(shape, np.uint8)
     count, bad, reasons, upscaled, all_gray = 0, [], [], [], True
 
@@ -336,41 +247,12 @@ def _decode_all(root: Path, files: list[Path], image_size: int, channels: int, c
     if target is None:
         return images[:count], record
     try:
-        _complete(cache, target, count, record)
+        cache.complete(cached, target, count, record)
     except OSError as e:  # the rows stay readable through the map after the temp file's name is gone
-        warnings.warn(f"could not write cache {cache}: {e}; the images are decoded again next time")
+        warnings.warn(f"could not write cache {cached}: {e}; the images are decoded again next time")
         return images[:count], record
     finally:
         Path(target[0]).unlink(missing_ok=True)
-    return np.load(cache, mmap_mode="r"), record
+    return np.load(cached, mmap_mode="r"), record
 
 
-def _allocate(cache: Path, shape) -> tuple[str, np.ndarray] | None:
-    """A .npy temp file beside `cache` with disk space reserved for `shape` uint8 (so that a full disk is an
-    error now, not a crash while writing through the map), mapped for writing; None (with a warning) if the
-    space is not there."""
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        if hasattr(os, "posix_fallocate"):
-            with open(tmp, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
-        return tmp, images
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write cache {cache}: {e}; decoding into memory instead")
-        return None
-
-
-def _complete(cache: Path, target: tuple[str, np.ndarray], count: int, record: dict) -> None:
-    """Move the decoded rows [0, count) of the temp file into `cache` (copying them when files were skipped),
-    then write the record beside it: the .npy is complete before the .json that makes it a cache exists."""
-    tmp, images = target
-    images.flush()
-    if count == len(images):
-        os.replace(tmp, cache)
-    else:
-        _replace_atomically(cache, lambda f: np.save(f, images[:count]))
-    _replace_atomically(cache.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
-    _remove_stale(cache)
