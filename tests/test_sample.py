@@ -1,5 +1,6 @@
 """The sampling CLI: any checkpoint kind, deterministic by seed, grid and single images, clear errors."""
 
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,17 @@ def test_progress_runs_the_sampler_in_chunks_with_bit_identical_images(torch_che
     assert np.array_equal(np.asarray(whole), np.asarray(chunked))
     assert "sde-dpmsolver++, 40 steps: 100%" in capsys.readouterr().err
     assert [diffusion.chunk_length(n) for n in (1000, 40, 7, 20, 3)] == [50, 2, 1, 1, 1]
+
+
+def test_chunked_sampling_split_over_two_devices_gives_the_same_images(torch_checkpoint):
+    """`ddpm-sample` on a terminal: its chunks, with the images split over two devices, as the one program."""
+    code = (f"import jax, numpy as np; from ddpm_jax.sample import sample_checkpoint as s; "
+            f"kw = dict(num=4, sampler='sde-dpmsolver++', steps=20, timesteps=100, image_size=16, seed=3); "
+            f"whole, chunked = s({str(torch_checkpoint)!r}, **kw), s({str(torch_checkpoint)!r}, progress=True, **kw); "
+            f"print(jax.device_count(), whole.shape, np.array_equal(whole, chunked), whole.std() > 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"})
+    assert result.stdout.split("\n")[0] == "2 (4, 16, 16, 3) True True", result.stderr[-3000:]
 
 
 def test_a_spacing_whose_times_repeat_is_a_clear_error():
