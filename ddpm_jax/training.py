@@ -133,7 +133,8 @@ class MetricsLog:
     """Keeps each step's metrics on the device and, every --log-every steps (and before a checkpoint), fetches
     them, stops on a non-finite loss, appends their means to metrics.jsonl and TensorBoard, and shows them on the
     progress bar, or without one prints them as a line. The first step's time is the compile's, printed once and
-    kept out of the throughput (its metrics are logged and checked as every step's)."""
+    kept out of the rates (its metrics are logged and checked as every step's; a line of that step alone has no
+    rates: null in metrics.jsonl)."""
 
     def __init__(self, workdir: Path, config: TrainConfig, start: int, board: TensorBoard, progress: bool):
         self.workdir, self.config, self.start, self.board = workdir, config, start, board
@@ -145,16 +146,16 @@ class MetricsLog:
 
             self.bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True)
         self.pending, self.since = [], time.perf_counter()
-        self.untimed, self.compile_s = 0, None  # pending steps before `since`: the first, whose time is the compile's
+        self.untimed = 0  # pending steps before `since`: the first, whose time is the compile's
 
     def add(self, step: int, metrics: dict, saved: int | None) -> None:
         self.pending.append(metrics)
         if step == self.start + 1:
             jax.block_until_ready(metrics)
             now = time.perf_counter()
-            self.compile_s, self.since, self.untimed = now - self.since, now, len(self.pending)
+            compile_s, self.since, self.untimed = now - self.since, now, len(self.pending)
             if self.is_writer:
-                (self.bar.write if self.bar is not None else print)(f"compiled the train step in {self.compile_s:.1f} s")
+                (self.bar.write if self.bar is not None else print)(f"compiled the train step in {compile_s:.1f} s")
         if self.bar is not None:
             self.bar.update(1)
         if step % self.config.log_every == 0:
@@ -174,24 +175,25 @@ class MetricsLog:
                 f"non-finite loss at step {bad}; stopped without saving. {kept} Try a lower --lr or --grad-clip."
             )
         timed = len(fetched) - self.untimed
-        steps_per_s = timed / (now - self.since) if timed else self.untimed / self.compile_s
+        steps_per_s = timed / (now - self.since) if timed else None
         record = {
             "step": step,
             "loss": float(losses.mean()),
             "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
             "lr": float(fetched[-1]["lr"]),
             "steps_per_s": steps_per_s,
-            "images_per_s": steps_per_s * self.config.batch_size,
+            "images_per_s": steps_per_s * self.config.batch_size if timed else None,
         }
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-            self.board.scalars(step, {k: v for k, v in record.items() if k != "step"})
+            self.board.scalars(step, {k: v for k, v in record.items() if k != "step" and v is not None})
+        rate = f"{record['images_per_s']:.1f} img/s" if timed else "(the compile's step)"
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=rate)
         elif self.is_writer:
             print(f"step {step}/{self.config.steps}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3g}  "
-                  f"lr {record['lr']:.3g}  {record['images_per_s']:.1f} img/s", flush=True)
+                  f"lr {record['lr']:.3g}  {rate}", flush=True)
         self.pending, self.since, self.untimed = [], now, 0
 
     def __enter__(self) -> "MetricsLog":

@@ -1,5 +1,5 @@
-"""Robustness: unusable image folders and --debug at the CLIs, a full disk while saving, kill -9 while
-training and while a checkpoint is being written (real processes, real signals)."""
+"""Robustness: unusable image folders and --debug at the CLIs, a full disk while saving, kill -9 while training
+as a checkpoint is being written (real processes, real signals)."""
 
 import errno
 import json
@@ -194,3 +194,7 @@ def test_kill_9_during_training_resumes_from_the_newest_complete_checkpoint(trai
     assert complete == [6, 7, 8] and half_written == []  # Orbax replaced the half-written folder
     # Resumed at `last`, not at 0: each step after it is logged again (every step saves, and logs as it does).
     assert _logged_steps(workdir)[logged:] == list(range(last + 1, 9))
+    # The first step's time is the compile's: its line has no rates, the others do.
+    resumed = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()[logged:]]
+    assert resumed[0]["steps_per_s"] is None and resumed[0]["images_per_s"] is None
+    assert all(m["steps_per_s"] > 0 and m["images_per_s"] > 0 for m in resumed[1:])

@@ -290,8 +290,8 @@ def _free_port():
 
 
 def test_two_processes_of_two_devices_match_one_device(tiny_run, tmp_path):
-    """train.py over two processes of two devices each ends where TINY on one device does: the batch and the
-    final sample grid are split over the devices of a process and over the processes."""
+    """train.py over two processes of two devices each ends where TINY on one device does: the batch is split over
+    the devices of a process and over the processes. (ddpm-sample's split over devices: tests/test_sample.py.)"""
     flags = [*TINY_FLAGS, "--steps", "8", "--workdir", str(tmp_path / "procs")]  # = TINY
     one_dir, _ = tiny_run
     assert jax.device_count() == 1
@@ -305,7 +305,7 @@ def test_two_processes_of_two_devices_match_one_device(tiny_run, tmp_path):
     one = _weights(one_dir)
     assert _max_diff(one, _weights(one_dir / "checkpoints" / "4")) > 1e-5
     assert _max_diff(one, _weights(tmp_path / "procs")) < 1e-5
-    # The final sample grid, one image per device: the same images (up to rounding).
+    # The final sample grid (in a multi-process run, drawn on one device): the same images, up to rounding.
     grids = [np.asarray(Image.open(run / "samples" / "step_000008.png"), np.int16) for run in (one_dir, tmp_path / "procs")]
     assert np.abs(grids[0] - grids[1]).max() <= 1
 
