@@ -63,9 +63,12 @@ def paths(root: Path, files: list[Path], image_size: int, cache_dir) -> dict[int
     if shared:
         prefix = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12] + "-"
         key["root"] = str(root.resolve())
-    return {channels: directory / f"{prefix}{image_size}px-{channels}c-"
-                          f"{hashlib.sha256(json.dumps({**key, 'channels': channels}).encode()).hexdigest()[:24]}.npy"
-            for channels in (1, 3)}
+
+    def path(channels: int) -> Path:
+        digest = hashlib.sha256(json.dumps({**key, "channels": channels}).encode()).hexdigest()[:24]
+        return directory / f"{prefix}{image_size}px-{channels}c-{digest}.npy"
+
+    return {channels: path(channels) for channels in (1, 3)}
 
 
 def _replace_atomically(path: Path, write) -> None:
