@@ -139,6 +139,19 @@ def read_model_config(directory) -> ModelConfig:
         raise CheckpointError(f"{path}: not a valid model config ({e})") from None
 
 
+def recorded_prediction(path) -> str | None:
+    """The target that the model at `path` records it predicts (its run's config.json, or its model.json); None
+    for a torch file, which records none, or a folder that holds no model."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (run := workdirs.run_config(path)) is not None:
+        return run.prediction
+    if (path / MODEL_JSON).is_file():
+        return read_model_config(path).prediction
+    return None
+
+
 def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, ModelConfig]:
     """A ready Flax U-Net, called as `model(x_BHWC, t_B)`, and the config it was built from.
 

@@ -137,13 +137,18 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoints/<step> folder, "
                         "a model directory (convert to-flax) or a torch .pt/.pth")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--sampler", choices=CHOICES["sampler"], help=f"default: the run's, else {DEFAULTS.sampler}")
+    parser.add_argument("--sampler", help="; ".join(f"{name}: {entry.help}" for name, entry in
+                                                    diffusion.SAMPLERS.items()) +
+                        f" (default: the run's, else {DEFAULTS.sampler})")
     parser.add_argument("--steps", type=int, help=f"steps of ddim and the DPM-Solvers (default: the run's, else "
                         f"{DEFAULTS.sampling_steps}; ddpm always runs T)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
                         f"(default: the run's, else {DEFAULTS.eta:g})")
-    parser.add_argument("--spacing", choices=diffusion.SPACINGS, default="linspace",
-                        help="where the DPM-Solvers' steps fall, as diffusers' timestep_spacing (default linspace)")
+    parser.add_argument("--spacing", default="linspace", help=f"{' | '.join(diffusion.SPACINGS)}: where the "
+                        "DPM-Solvers' steps fall, as diffusers' timestep_spacing (default linspace)")
+    parser.add_argument("--prediction", help=f"{' | '.join(diffusion.PREDICTIONS)}: what the network predicts, for a "
+                        ".pt or .safetensors, which records none (default eps, the article's); a workdir or model "
+                        "directory records its own")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar, as when stderr is not a terminal (with it, the sampler runs in "
@@ -173,7 +178,7 @@ def _sample(args: argparse.Namespace) -> None:
     samples = sample_checkpoint(args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                 seed=args.seed, image_size=args.image_size, schedule=args.schedule,
                                 timesteps=args.timesteps, ema=args.ema, spacing=args.spacing,
-                                progress=args.progress and sys.stderr.isatty())
+                                prediction=args.prediction, progress=args.progress and sys.stderr.isatty())
     images.save_grid(samples, out)
     if out_dir:
         images.save_images(samples, out_dir)
@@ -197,6 +202,8 @@ def convert_parser() -> argparse.ArgumentParser:
     to_flax.add_argument("input", help="a .pt/.pth or .safetensors: U-Net or DiffusionModel state_dict, or the "
                          "article trainer's checkpoint (.pt)")
     to_flax.add_argument("output", help="directory to write (created if needed)")
+    to_flax.add_argument("--prediction", help="eps | x0 | v: the target the model was trained to predict, recorded in "
+                         "model.json (a torch file records none; default eps, the article's)")
     to_torch = sub.add_parser("to-torch", help="any checkpoint -> a U-Net state_dict (.pt, or .safetensors) for the "
                               "reference model")
     to_torch.add_argument("input", help="a Flax model directory, a training workdir or any file that to-flax accepts")
@@ -212,8 +219,8 @@ def convert_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from ddpm_jax import convert
-    from ddpm_jax.checkpoints import MODEL_JSON, PARAMS_DIR, load_model, save_model
+    from ddpm_jax import convert, diffusion
+    from ddpm_jax.checkpoints import MODEL_JSON, PARAMS_DIR, load_model, recorded_prediction, save_model
     from ddpm_jax.config import ModelConfig
 
     out = Path(args.output)
@@ -221,12 +228,31 @@ def _convert(args: argparse.Namespace) -> None:
         raise ValueError(f"{out}: is a file; expected a directory for {MODEL_JSON} and {PARAMS_DIR}/")
     if args.command == "to-torch" and out.is_dir():
         raise ValueError(f"{out}: is a directory; expected a file path to write, e.g. {out / 'model.pt'}")
+    chosen = getattr(args, "prediction", None)
+    recorded = recorded_prediction(args.input)
+    if chosen is not None:
+        diffusion.check_prediction(chosen)
+        if recorded not in (None, chosen):
+            raise ValueError(f"--prediction {chosen}: {args.input} records a model trained to predict {recorded}; "
+                             f"leave --prediction out")
     model, config = load_model(args.input, ema=args.ema)
-    out = save_model(model, config, out) if args.command == "to-flax" else convert.write_weights_file(model, out)
-    theta = config.sinusoidal_pos_emb_theta
-    note = (f"; build the reference with sinusoidal_pos_emb_theta={theta}" if args.command == "to-torch" and
-            theta != ModelConfig.sinusoidal_pos_emb_theta else "")
-    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}{note})", flush=True)
+    notes = []
+    if args.command == "to-flax":
+        if recorded is None:
+            config = dataclasses.replace(config, prediction=chosen or "eps")
+            if chosen is None:
+                notes.append("assumed: a torch file records none; --prediction x0|v records another")
+        out = save_model(model, config, out)
+    else:
+        out = convert.write_weights_file(model, out)
+        theta = config.sinusoidal_pos_emb_theta
+        if theta != ModelConfig.sinusoidal_pos_emb_theta:
+            notes.append(f"build the reference with sinusoidal_pos_emb_theta={theta}")
+        if config.prediction != "eps":
+            notes.append(f"the file records no target: sample it with ddpm-sample --prediction {config.prediction}; "
+                         f"the reference DiffusionModel samples eps models only")
+    print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}, "
+          f"prediction={config.prediction}{''.join('; ' + n for n in notes)})", flush=True)
     if not args.verify:
         return
     # What was written, read back: the Flax model of the directory against the reference holding the weights it

@@ -28,7 +28,7 @@ def _from_dict(cls, d: dict, source: str):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a U-Net."""
+    """Everything needed to rebuild a U-Net and to read its output."""
 
     variant: str = "TwoResUNet"  # OneResUNet | TwoResUNet | AttentionUNet
     dim: int = 64  # channels of the first level; the time embedding has 4 * dim
@@ -37,10 +37,13 @@ class ModelConfig:
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)  # channels of level i are dim * dim_mults[i]
     channels: int = 3  # image channels
     sinusoidal_pos_emb_theta: int = 10000  # base of the sinusoidal time embedding
+    prediction: str = "eps"  # what the output predicts: eps | x0 | v (diffusion.predict reads it)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown model {self.variant!r}; expected one of {list(VARIANTS)}")
+        if self.prediction not in diffusion.PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of {list(diffusion.PREDICTIONS)}")
         if self.init_dim not in (None, self.dim):  # as in the article's code, whose forward fails the same way
             raise ValueError(
                 f"init_dim {self.init_dim} with dim {self.dim}: expected init_dim = dim (or None). The U-Nets join "
@@ -73,7 +76,14 @@ class TrainConfig:
     dim_mults: tuple[int, ...] = _field((1, 2, 2, 2), 'width multiplier per level')
     schedule: str = _field("linear", 'beta schedule: linear | cosine | sigmoid')
     timesteps: int = _field(1000, 'diffusion steps T')
-    loss: str = _field("l2", 'l2 | l1 between true and predicted noise')
+    loss: str = _field("l2", 'l2 | l1 between the target and the network\'s output')
+    prediction: str = _field("eps", 'what the network learns to output: eps (the noise, the article\'s) | x0 | v '
+                             '(diffusers\' epsilon | sample | v_prediction)')
+    loss_weight: str = _field("none", 'none | min-snr: each sample\'s loss weighted by min(SNR, gamma) / SNR for eps, '
+                              'min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023)')
+    snr_gamma: float = _field(5.0, 'the gamma of --loss-weight min-snr')
+    offset_noise: float = _field(0.0, 'offset noise: S times one Gaussian value per image and channel added to the '
+                                 'training noise (lucidrains\' offset_noise_strength); 0 disables')
     batch_size: int = _field(16, 'global batch, split over all devices')
     steps: int = _field(4500, 'optimizer steps in total')
     lr: float = _field(2e-3, 'AdamW learning rate (after warm-up); the article uses 1e-4')
@@ -90,8 +100,8 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, 'newest checkpoints kept')
     sample_every: int = _field(500, 'sample a grid from the EMA weights every this many steps (and at the end)')
     num_samples: int = _field(16, 'images per sample grid')
-    sampler: str = _field("sde-dpmsolver++",
-                          'ddpm (all T steps) | ddim | dpmsolver++ | sde-dpmsolver++ (multistep, 2nd order)')
+    sampler: str = _field("sde-dpmsolver++", "the sample grids' sampler: " +
+                          "; ".join(f"{name}: {entry.help}" for name, entry in diffusion.SAMPLERS.items()))
     sampling_steps: int = _field(20, 'steps of ddim and the DPM-Solvers (ignored by ddpm)')
     eta: float = _field(1.0, 'DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step (DDPM-like)')
     precision: str = _field("fp32", 'fp32 | bf16 (bf16 compute, float32 parameters and optimizer state)')
@@ -103,7 +113,17 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults, channels=self.channels or 3)
+        return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults, channels=self.channels or 3,
+                           prediction=self.prediction)
+
+    @property
+    def objective(self) -> diffusion.Objective:
+        return diffusion.Objective(self.prediction, self.loss, self.loss_weight, self.snr_gamma, self.offset_noise)
+
+    def sampler_settings(self) -> diffusion.SamplerSettings:
+        """The sample grids' sampler, checked (a ValueError names the flag)."""
+        return diffusion.sampler_settings(self.sampler, timesteps=self.timesteps, steps=self.sampling_steps,
+                                          eta=self.eta, prediction=self.prediction, steps_flag="--sampling-steps")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
@@ -113,9 +133,9 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
-# A resumed run must keep the fields that shape the model and those that define the noise it learns to remove.
+# A resumed run must keep the fields that shape the model and those that define what it learns.
 SHAPE_FIELDS = ("model", "image_size", "channels", "dim", "dim_mults")
-OBJECTIVE_FIELDS = ("schedule", "timesteps")
+OBJECTIVE_FIELDS = ("schedule", "timesteps", "prediction", "loss_weight", "snr_gamma", "offset_noise")
 # Resuming with another value of these is allowed, with a warning: the run is no longer the one it began as.
 RECIPE_FIELDS = ("loss", "batch_size", "seed")
 
@@ -145,19 +165,20 @@ PRESETS = {
 }
 
 
-# The allowed values of TrainConfig's fields, read by the command line (argparse's choices) and by `validate`.
+# The allowed values of TrainConfig's fields, read by the command line (argparse's choices) and by `validate`; the
+# sampler settings (sampler, sampling_steps, eta, prediction) are checked by diffusion.sampler_settings alone.
 CHOICES = {
     "model": VARIANTS,
     "schedule": tuple(sorted(SCHEDULES)),
     "loss": diffusion.LOSSES,
-    "sampler": diffusion.SAMPLERS,
+    "loss_weight": diffusion.LOSS_WEIGHTS,
     "precision": ("fp32", "bf16"),
     "lr_decay": LR_DECAYS,
     "channels": (1, 3),  # or None: from the data
 }
 POSITIVE = ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every", "num_samples",
-            "sampling_steps", "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr")
-NON_NEGATIVE = ("warmup_steps", "ema_start", "seed", "weight_decay", "grad_clip")
+            "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr", "snr_gamma")
+NON_NEGATIVE = ("warmup_steps", "ema_start", "seed", "weight_decay", "grad_clip", "offset_noise")
 UNIT_INTERVAL = ("adam_b1", "adam_b2", "ema_decay")  # [0, 1)
 
 
@@ -185,13 +206,11 @@ def validate(config: TrainConfig, num_devices: int) -> Schedule:
         need(getattr(config, field) >= 0, field, f"a non-negative {kind(field)}{note}")
     for field in UNIT_INTERVAL:
         need(0 <= getattr(config, field) < 1, field, "a number in [0, 1)")
-    need(0 <= config.eta <= 1, "eta", "a number in [0, 1]")
     need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim_mults", "positive integers, e.g. 1,2,4,8")
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
     check_image_size(config.image_size, len(config.dim_mults))
     need(config.batch_size % num_devices == 0, "batch_size", f"a multiple of the device count ({num_devices})")
-    if config.sampler != "ddpm":  # ddpm runs all T steps and ignores --sampling-steps
-        need(config.sampling_steps <= config.timesteps, "sampling_steps", f"at most --timesteps ({config.timesteps})")
+    config.sampler_settings()
     return check_schedule(config.schedule, config.timesteps)
 
 

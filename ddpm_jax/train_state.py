@@ -75,7 +75,7 @@ def train_step(state: TrainState, batch_BHWC, key, *, graphdef, schedule, tx, co
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        return diffusion.training_loss(model, schedule, batch_BHWC, step_key, config.loss)
+        return diffusion.training_loss(model, schedule, batch_BHWC, step_key, config.objective)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

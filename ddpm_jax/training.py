@@ -266,12 +266,12 @@ class GridSampler:
             workdir, config, graphdef, schedule, board)
         self.key = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)
         self.sharding = runtime.sample_sharding(config.num_samples)
+        self.settings = config.sampler_settings()
 
     def __call__(self, state: TrainState) -> None:
         c = self.config
         grid = diffusion.sample(nnx.merge(self.graphdef, state.ema), self.schedule, self.key, c.num_samples,
-                                c.image_size, sampler=c.sampler, steps=c.sampling_steps, eta=c.eta,
-                                batch_sharding=self.sharding)
+                                c.image_size, self.settings, batch_sharding=self.sharding)
         if self.board.is_writer:
             step = int(state.step)
             path = self.workdir / workdirs.SAMPLES / f"step_{step:06d}.png"

@@ -159,7 +159,8 @@ UNETS = {"OneResUNet": OneResUNet, "TwoResUNet": TwoResUNet, "AttentionUNet": At
 
 def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None) -> nnx.Module:
     """A U-Net for `config`: initialised from `rngs`, or abstract (shapes only) when rngs is None."""
-    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
+    # Every field but the variant, which picks the class, and the prediction, which says how its output is read.
+    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("variant", "prediction")}
 
     def make(r):
         return UNETS[config.variant](**kwargs, rngs=r, dtype=dtype)

@@ -52,8 +52,8 @@ def run_config(path: Path) -> TrainConfig | None:
 
 
 def prepare(workdir: Path, config: TrainConfig, is_writer: bool) -> None:
-    """Write config.json, or check a resumed run against it: a changed model shape or noise schedule is an
-    error, a changed recipe (loss, batch, seed) a warning."""
+    """Write config.json, or check a resumed run against it: a changed model shape or objective (noise schedule,
+    target, loss weighting, offset noise) is an error, a changed recipe (loss, batch, seed) a warning."""
     saved = read_config(workdir) if (workdir / CONFIG_JSON).is_file() else None
     if saved is not None and (steps := saved_steps(workdir)):
 
@@ -63,7 +63,7 @@ def prepare(workdir: Path, config: TrainConfig, is_writer: bool) -> None:
 
         if different := changed(SHAPE_FIELDS + OBJECTIVE_FIELDS):
             raise TrainingError(
-                f"{workdir} holds checkpoints of a different model or noise schedule ({'; '.join(different)}). "
+                f"{workdir} holds checkpoints of a different model or objective ({'; '.join(different)}). "
                 f"Use a new --workdir, or the saved values."
             )
         if different := changed(RECIPE_FIELDS):

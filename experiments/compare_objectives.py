@@ -1,0 +1,202 @@
+"""Which training objective? The default preset trained with each target and loss weighting, scored by SWD.
+
+    python experiments/compare_objectives.py --arm v --seed 0         # train (or resume) one arm, then score it
+    python experiments/compare_objectives.py --table                  # the table of every record so far
+    python experiments/compare_objectives.py --figure docs/training/objectives.png
+
+An arm is the default preset (`ddpm-train` with no flags but --workdir and --seed) plus the flags in ARMS. Each
+run trains in runs/objectives/<arm>_seed<S> (a killed run resumes), then draws --sets sets of --num samples from
+the EMA weights with the default sampler (SDE-DPM-Solver++, 20 steps) and with DPM-Solver++ ODE at 20 steps
+(sample seeds 7, 8, ...), and scores each against --num held-out tiles (embedded seed 1, never trained on) by SWD
+and colour W1, as docs/training.md's sweep does. The record, with the machine, the versions and the command,
+goes to docs/training/objectives/<arm>_seed<S>.json. Two arms train side by side with one core each:
+
+    JAX_NUM_CPU_DEVICES=1 taskset -c 0 python experiments/compare_objectives.py --arm eps --seed 0 &
+    JAX_NUM_CPU_DEVICES=1 taskset -c 1 python experiments/compare_objectives.py --arm v --seed 0 &
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = {
+    "eps": [],  # the article's target, unweighted: today's default
+    "v": ["--prediction", "v"],
+    "x0": ["--prediction", "x0"],
+    "eps+min-snr": ["--loss-weight", "min-snr"],
+    "v+min-snr": ["--prediction", "v", "--loss-weight", "min-snr"],
+    "x0+min-snr": ["--prediction", "x0", "--loss-weight", "min-snr"],
+}
+ARMS.update({f"{name}+offset": flags + ["--offset-noise", "0.1"] for name, flags in list(ARMS.items())})
+SAMPLERS = {"sde-dpmsolver++ 20": ("sde-dpmsolver++", 20), "dpmsolver++ 20": ("dpmsolver++", 20)}
+HELD_OUT_SEED, FIRST_SAMPLE_SEED = 1, 7
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "devices": os.environ.get("JAX_NUM_CPU_DEVICES"),
+            "commit": commit,
+            "python": platform.python_version(),
+            "versions": {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")}}
+
+
+def train(workdir: Path, seed: int, flags: list[str]) -> dict:
+    """Train (or finish) the run; its wall time, and the median images/s of its metrics lines."""
+    command = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), "--seed", str(seed),
+               "--no-progress", *flags]
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rates = [line["images_per_s"] for line in lines if line["images_per_s"]]
+    last = [line["loss"] for line in lines if line["step"] > lines[-1]["step"] - 600]
+    return {"command": " ".join(["python", "train.py", *command[2:]]), "seconds": seconds,
+            "median_images_per_s": statistics.median(rates), "loss_last_600_steps": statistics.mean(last)}
+
+
+def score(workdir: Path, num: int, sets: int) -> dict:
+    """Per sampler: each set's SWD, colour W1 and seconds (the first includes the compile)."""
+    import jax
+
+    from ddpm_jax import diffusion, runtime
+    from ddpm_jax.checkpoints import load_model
+    from ddpm_jax.config import check_schedule
+    from ddpm_jax.evaluate import colour_distance, swd
+    from ddpm_jax.images import load_images, to_uint8
+    from ddpm_jax.workdirs import read_config
+
+    run = read_config(workdir)
+    model, _ = load_model(workdir)
+    held_out = load_images("embedded", run.image_size, num=num, embedded_seed=HELD_OUT_SEED)
+    schedule = check_schedule(run.schedule, run.timesteps)
+    scores = {}
+    for name, (sampler, steps) in SAMPLERS.items():
+        settings = diffusion.sampler_settings(sampler, timesteps=run.timesteps, steps=steps,
+                                              prediction=run.prediction)
+        entry = scores[name] = []
+        for i in range(sets):
+            t0 = time.perf_counter()
+            images = np.asarray(diffusion.sample(model, schedule, jax.random.key(FIRST_SAMPLE_SEED + i), num,
+                                                 run.image_size, settings), np.float32)
+            fake = to_uint8(np.clip(images, 0, 1))
+            entry.append({"seed": FIRST_SAMPLE_SEED + i, "seconds": time.perf_counter() - t0,
+                          "swd": swd(held_out, fake)["swd"], "colour_w1": colour_distance(held_out, fake)["colour_w1"]})
+            if i == 0:
+                np.save(workdir / f"samples_{sampler}.npy", fake)
+            print(f"{workdir.name} {name} set {i}: SWD {entry[-1]['swd']:.1f}", flush=True)
+    return scores
+
+
+def baseline(num: int) -> float:
+    """SWD of the first `num` training tiles (seed 0) against the `num` held-out tiles."""
+    from ddpm_jax.evaluate import swd
+    from ddpm_jax.images import load_images
+
+    return swd(load_images("embedded", 32, num=num, embedded_seed=HELD_OUT_SEED),
+               load_images("embedded", 32, embedded_seed=0)[:num])["swd"]
+
+
+def run_arm(args) -> None:
+    record_path = args.records / f"{args.arm}_seed{args.seed}.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    workdir = args.workdirs / f"{args.arm}_seed{args.seed}"
+    if "training" not in record:
+        record.update(arm=args.arm, flags=ARMS[args.arm], seed=args.seed, machine=machine(),
+                      training=train(workdir, args.seed, ARMS[args.arm]))
+        args.records.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    if "scores" not in record:
+        record["scores"] = score(workdir, args.num, args.sets)
+        record["scoring"] = {"num": args.num, "held_out_seed": HELD_OUT_SEED, "machine": machine(),
+                             "data_against_data_swd": baseline(args.num)}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def table(folder: Path) -> str:
+    """Markdown: per arm, each seed's SWD (mean of its sample sets) with both samplers, and their mean."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in records(folder):
+        if "scores" in r:
+            by_arm.setdefault(r["arm"], []).append(r)
+    rows = ["| arm | flags | seeds | SWD, SDE-DPM-Solver++ 20: per seed (mean) | SWD, DPM-Solver++ 20 (ODE) | "
+            "ODE / SDE | colour W1 (SDE) | training wall time |", "|---|---|---|---|---|---|---|---|"]
+    for arm, runs in sorted(by_arm.items(), key=lambda kv: list(ARMS).index(kv[0])):
+        runs.sort(key=lambda r: r["seed"])
+
+        def per_seed(sampler, key="swd"):
+            return [statistics.mean(s[key] for s in r["scores"][sampler]) for r in runs]
+
+        sde, ode = per_seed("sde-dpmsolver++ 20"), per_seed("dpmsolver++ 20")
+        cells = [", ".join(f"{v:.1f}" for v in values) + (f" ({statistics.mean(values):.1f})" if len(values) > 1
+                                                            else "") for values in (sde, ode)]
+        walls = [r["training"]["seconds"] for r in runs]
+        rows.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(none)'}` | {', '.join(str(r['seed']) for r in runs)} | "
+                    f"{cells[0]} | {cells[1]} | {statistics.mean(ode) / statistics.mean(sde):.2f} | "
+                    f"{statistics.mean(per_seed('sde-dpmsolver++ 20', 'colour_w1')):.1f} | "
+                    f"{min(walls) / 60:.0f}-{max(walls) / 60:.0f} min |")
+    return "\n".join(rows)
+
+
+def figure(folder: Path, workdirs: Path, out: Path, seed: int = 0, tiles: int = 16) -> None:
+    """One grid of `tiles` SDE-DPM-Solver++ samples per arm (training seed `seed`), side by side, shown 2x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ddpm_jax.images import grid
+
+    arms = [r["arm"] for r in records(folder) if r["seed"] == seed and "scores" in r]
+    arms.sort(key=list(ARMS).index)
+    fig, axes = plt.subplots(1, len(arms), figsize=(2.2 * len(arms), 2.6))
+    for ax, arm in zip(np.atleast_1d(axes), arms):
+        samples = np.load(workdirs / f"{arm}_seed{seed}" / "samples_sde-dpmsolver++.npy")[:tiles]
+        ax.imshow(grid(samples.astype(np.float32) / 255.0, arm), interpolation="nearest")
+        ax.set_title(arm, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arm", choices=list(ARMS))
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--num", type=int, default=256, help="images per sample set, and held-out tiles (default 256)")
+    p.add_argument("--sets", type=int, default=3, help="sample sets per sampler (default 3)")
+    p.add_argument("--workdirs", type=Path, default=ROOT / "runs" / "objectives")
+    p.add_argument("--records", type=Path, default=ROOT / "docs" / "training" / "objectives")
+    p.add_argument("--table", action="store_true", help="print the table of the records")
+    p.add_argument("--figure", type=Path, help="write the PNG of one grid per arm (training seed 0)")
+    args = p.parse_args(argv)
+    if args.arm:
+        run_arm(args)
+    if args.table:
+        print(table(args.records))
+    if args.figure:
+        figure(args.records, args.workdirs, args.figure)
+
+
+if __name__ == "__main__":
+    main()
