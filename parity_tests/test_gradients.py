@@ -40,7 +40,8 @@ def test_loss_gradients(variant, loss_type, impl):
     def loss(params):
         model = nnx.merge(graphdef, params)
         return diffusion.p_loss(
-            model, schedule, jnp.asarray(nhwc(x0)), jnp.asarray(t.numpy()), jnp.asarray(nhwc(noise)), loss_type
+            model, schedule, jnp.asarray(nhwc(x0)), jnp.asarray(t.numpy()), jnp.asarray(nhwc(noise)),
+            diffusion.Objective(loss=loss_type),
         )
 
     with depthwise.use_impl(impl):

@@ -48,7 +48,8 @@ def test_ddim_step(setup, eta, t, t_prev):
     x, noise = _x_and_noise(t + 1)
     expected = reference.ddim_step(x, t, t_prev, eta, noise=noise).numpy()
     xj = jnp.asarray(nhwc(x))
-    ours = diffusion.ddim_step(schedule, _eps(flax_model, xj, t), xj, t, t_prev, eta, jnp.asarray(nhwc(noise)))
+    x0, eps = diffusion.predict("eps", _eps(flax_model, xj, t), xj, *diffusion.ddim_alpha_sigma(schedule, t))
+    ours = diffusion.ddim_step(schedule, x0, eps, xj, t, t_prev, eta, jnp.asarray(nhwc(noise)))
     check(f"DDIM step eta={eta:g}", nchw(ours), expected, 1e-5)
 
 
@@ -106,7 +107,8 @@ def test_whole_sampler_matches_reference_loop(tiny_pair, sampler):
     reference.model = _TorchNearOracle(torch_model, reference.sqrt_one_minus_alphas_cumprod)
     key = jax.random.key(5)
     flax_oracle = _FlaxNearOracle(flax_model, schedule.sqrt_one_minus_alphas_cumprod)
-    ours = diffusion.sample(flax_oracle, schedule, key, 2, 16, sampler=sampler, steps=steps, eta=eta)
+    settings = diffusion.sampler_settings(sampler, timesteps=timesteps, steps=steps, eta=eta)
+    ours = diffusion.sample(flax_oracle, schedule, key, 2, 16, settings)
     if sampler == "ddpm":
         pairs = [(t, t - 1) for t in range(timesteps - 1, -1, -1)]
     else:

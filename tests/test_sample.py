@@ -53,8 +53,9 @@ def test_progress_runs_the_sampler_in_chunks_with_bit_identical_images(torch_che
     """SDE-DPM-Solver++ (a history and fresh noise in its carry): 40 steps in 20 chunks of 2."""
     model, _ = load_model(torch_checkpoint)
     schedule, key = make_schedule("linear", 100), jax.random.key(3)
-    whole = diffusion.sample(model, schedule, key, 2, 16, sampler="sde-dpmsolver++", steps=40)
-    chunked = diffusion.sample(model, schedule, key, 2, 16, sampler="sde-dpmsolver++", steps=40, progress=True)
+    settings = diffusion.sampler_settings("sde-dpmsolver++", timesteps=100, steps=40)
+    whole = diffusion.sample(model, schedule, key, 2, 16, settings)
+    chunked = diffusion.sample(model, schedule, key, 2, 16, settings, progress=True)
     assert np.array_equal(np.asarray(whole), np.asarray(chunked))
     assert "sde-dpmsolver++, 40 steps: 100%" in capsys.readouterr().err
     assert [diffusion.chunk_length(n) for n in (1000, 40, 7, 20, 3)] == [50, 2, 1, 1, 1]
@@ -80,8 +81,10 @@ def test_sampling_split_over_two_devices_gives_the_one_device_images_whole_and_c
 
 def test_a_spacing_whose_times_repeat_is_a_clear_error():
     assert list(diffusion.dpm_solver_timesteps(100, 99, "leading"))[-2:] == [2, 1]
-    with pytest.raises(ValueError, match="--steps 100 with --spacing leading: times repeat at T = 100"):
-        diffusion.dpm_solver_timesteps(100, 100, "leading")
+    diffusion.sampler_settings("dpmsolver++", timesteps=100, steps=99, spacing="leading")
+    with pytest.raises(ValueError, match=r"--steps 100 with --spacing leading: expected fewer steps or another "
+                                         r"spacing \(the times repeat at T = 100\)"):
+        diffusion.sampler_settings("dpmsolver++", timesteps=100, steps=100, spacing="leading")
 
 
 def test_ddpm_sampler_from_model_directory(tmp_path, torch_checkpoint):
@@ -131,6 +134,9 @@ def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
     (["--image-size", "15"], "--image-size 15: expected a multiple of 2"),  # the model has 2 levels
     (["--timesteps", "10", "--steps", "2"], "--schedule linear with --timesteps 10"),
     (["--out-dir", __file__], f"--out-dir {__file__}: expected a folder"),
+    (["--sampler", "euler"], "--sampler euler: expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++']"),
+    (["--spacing", "log"], "--spacing log: expected one of ['linspace', 'leading', 'trailing']"),
+    (["--prediction", "noise"], "--prediction noise: expected one of ['eps', 'x0', 'v']"),
 ])
 def test_bad_sampler_settings_exit_2(tmp_path, torch_checkpoint, capsys, flags, message):
     assert main(["--checkpoint", str(torch_checkpoint), *COMMON, *flags, "--out", str(tmp_path / "x.png")]) == 2
@@ -142,3 +148,34 @@ def test_an_output_that_cannot_be_written_is_found_before_sampling(tmp_path, tor
     for out in (tmp_path / "no_extension", tmp_path):
         assert main(["--checkpoint", str(torch_checkpoint), *COMMON, "--out", str(out)]) == 2
         assert f"--out {out}: expected an image file name" in capsys.readouterr().err
+
+
+def test_the_prediction_target_travels_with_the_model(tmp_path, torch_checkpoint, capsys):
+    """A torch file records no target: it is sampled as eps with a one-line note, or as --prediction says.
+    to-flax --prediction records it in model.json; ddpm-sample then uses it and refuses another; to-torch prints it."""
+    import json
+
+    from ddpm_jax.cli import convert_main as convert
+
+    def sampled(checkpoint, name, *flags):
+        assert main(["--checkpoint", str(checkpoint), *COMMON, *flags, "--out", str(tmp_path / name)]) == 0
+        return np.asarray(Image.open(tmp_path / name)), capsys.readouterr().err
+
+    as_eps, note = sampled(torch_checkpoint, "eps.png")
+    assert f"{torch_checkpoint} records no prediction target: sampling it as eps, the article's" in note
+    as_v, note = sampled(torch_checkpoint, "v.png", "--prediction", "v")
+    assert "records no prediction target" not in note and not np.array_equal(as_eps, as_v)
+
+    model_dir = tmp_path / "flax_v"
+    assert convert(["to-flax", str(torch_checkpoint), str(model_dir), "--prediction", "v", "--no-verify"]) == 0
+    assert "prediction=v)" in capsys.readouterr().out
+    assert json.loads((model_dir / "model.json").read_text())["prediction"] == "v"
+    from_dir, note = sampled(model_dir, "dir.png")
+    assert np.array_equal(from_dir, as_v) and "records no prediction target" not in note
+    assert main(["--checkpoint", str(model_dir), *COMMON, "--prediction", "eps", "--out", str(tmp_path / "x.png")]) == 2
+    assert f"--prediction eps: {model_dir} records a model trained to predict v; leave --prediction out" in (
+        capsys.readouterr().err)
+
+    assert convert(["to-torch", str(model_dir), str(tmp_path / "unet.safetensors"), "--no-verify"]) == 0
+    assert ("prediction=v; the file records no target: sample it with ddpm-sample --prediction v; the reference "
+            "DiffusionModel samples eps models only)") in capsys.readouterr().out

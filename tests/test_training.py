@@ -94,6 +94,46 @@ def test_loss_decreases_on_embedded_data(tmp_path):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+def test_offset_noise_adds_one_gaussian_value_per_image_and_channel():
+    """lucidrains' offset noise: the training noise plus S times one N(0, 1) value per image and channel."""
+    from ddpm_jax.diffusion import training_noise
+
+    key, shape = jax.random.key(4), (512, 4, 4, 3)
+    plain = np.asarray(training_noise(key, shape, jnp.float32))
+    offset = np.asarray(training_noise(key, shape, jnp.float32, 0.1)) - plain
+    assert np.ptp(offset, axis=(1, 2)).max() < 1e-6  # one value per image and channel
+    assert 0.09 < offset[:, 0, 0, :].std() < 0.11 and abs(offset[:, 0, 0, :].mean()) < 0.01
+    doubled = np.asarray(training_noise(key, shape, jnp.float32, 0.2)) - plain
+    np.testing.assert_allclose(doubled, 2 * offset, atol=1e-6)
+    assert 0.95 < plain.std() < 1.05
+
+
+def test_a_run_records_its_objective_and_its_grids_and_ddpm_sample_use_it(tmp_path, monkeypatch):
+    """v prediction with min-SNR weighting and offset noise: config.json records them, and the trainer's grids and
+    ddpm-sample read the output as v."""
+    from ddpm_jax import diffusion
+    from ddpm_jax.sample import sample_checkpoint
+
+    drawn = []
+    monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
+                        drawn.append(a[5]) or sample(*a, **k))
+    config = dataclasses.replace(TINY, prediction="v", loss_weight="min-snr", snr_gamma=2.0, offset_noise=0.1,
+                                 save_every=8, sampler="ddim")
+    training.train(config, tmp_path, progress=False)
+    saved = workdirs.read_config(tmp_path)
+    assert (saved.prediction, saved.loss_weight, saved.snr_gamma, saved.offset_noise) == ("v", "min-snr", 2.0, 0.1)
+    assert [settings.prediction for settings in drawn] == ["v"]
+    monkeypatch.undo()
+    model, model_config = load_model(tmp_path)
+    assert model_config.prediction == "v"
+    images = sample_checkpoint(tmp_path, 4, steps=2, seed=5)
+    schedule = validate(config, 1)
+    for prediction, same in (("v", True), ("eps", False)):
+        settings = diffusion.sampler_settings("ddim", timesteps=100, steps=2, eta=config.eta, prediction=prediction)
+        expected = np.asarray(diffusion.sample(model, schedule, jax.random.key(5), 4, 16, settings))
+        assert np.array_equal(images, expected) == same
+
+
 def test_ema_follows_ema_pytorch_schedule():
     """Copy on update steps up to ema_start and on the first one after it (ema_pytorch's `update` copies while its
     `initted` flag is unset, which its copy branch never sets), then min(beta, 1 - (1 + e)^(-2/3)) with
@@ -114,9 +154,14 @@ def test_changed_model_or_fewer_steps_on_resume_is_an_error(tiny_run, tmp_path):
     with pytest.raises(TrainingError, match="--steps 1: .* checkpoint of step 8. Pass --steps 8 or more"):
         training.train(dataclasses.replace(TINY, steps=1), workdir, progress=False)
     assert (workdir / "config.json").read_text() == saved  # the run's config is not rewritten
-    # The noise schedule defines what the model learns: changing it on resume is an error too.
-    for change, message in [({"timesteps": 200}, "--timesteps 100 -> 200"), ({"schedule": "cosine"}, "linear -> cosine")]:
-        with pytest.raises(TrainingError, match=f"different model or noise schedule .*{message}"):
+    # The noise schedule, the target, the loss weighting and the offset noise define what the model learns:
+    # changing any of them on resume is an error too.
+    for change, message in [({"timesteps": 200}, "--timesteps 100 -> 200"), ({"schedule": "cosine"}, "linear -> cosine"),
+                            ({"prediction": "v"}, "--prediction eps -> v"),
+                            ({"loss_weight": "min-snr"}, "--loss-weight none -> min-snr"),
+                            ({"snr_gamma": 1.0}, "--snr-gamma 5.0 -> 1.0"),
+                            ({"offset_noise": 0.1}, "--offset-noise 0.0 -> 0.1")]:
+        with pytest.raises(TrainingError, match=f"different model or objective .*{message}"):
             training.train(dataclasses.replace(TINY, **change), workdir, progress=False)
     assert (workdir / "config.json").read_text() == saved
     # The loss, the batch size and the seed may change, with a warning.
@@ -210,7 +255,7 @@ def test_a_grayscale_folder_trains_one_channel_through_to_the_converter(tmp_path
     model, config = load_model(run)
     assert model.channels == config.channels == 1
     assert cli.train_main([*flags, "--steps", "9", "--channels", "3"]) == 1
-    assert "different model or noise schedule (--channels 1 -> 3)" in capsys.readouterr().err
+    assert "different model or objective (--channels 1 -> 3)" in capsys.readouterr().err
     # Without the flag a resumed run keeps its channel count, though the folder is no longer all grayscale.
     Image.new("RGB", (16, 16), (200, 30, 30)).save(gray / "colour.png")
     assert cli.train_main(flags) == 0, capsys.readouterr().err
@@ -222,7 +267,7 @@ def test_a_grayscale_folder_trains_one_channel_through_to_the_converter(tmp_path
 def test_ddpm_sampler_ignores_sampling_steps():
     """--sampling-steps is a DDIM setting: with --sampler ddpm, the default 100 may exceed a small --timesteps."""
     validate(dataclasses.replace(TINY, sampler="ddpm", timesteps=50, sampling_steps=100), 1)
-    with pytest.raises(ValueError, match="--sampling-steps 100: expected at most --timesteps"):
+    with pytest.raises(ValueError, match=r"--sampling-steps 100: expected at most the 50 diffusion steps \(--timesteps\)"):
         validate(dataclasses.replace(TINY, sampler="ddim", timesteps=50, sampling_steps=100), 1)
 
 
@@ -253,6 +298,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
         (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
         (["--adam-b2", "1.5"], "--adam-b2 1.5: expected a number in [0, 1)"),
         (["--num-processes", "2", "--process-id", "1"], "--num-processes and --process-id need --coordinator"),
+        (["--sampler", "euler"], "--sampler euler: expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++']"),
+        (["--sampling-steps", "0"], "--sampling-steps 0: expected a positive integer"),
+        (["--prediction", "noise"], "--prediction noise: expected one of ['eps', 'x0', 'v'] (diffusers' epsilon, "
+                                    "sample, v_prediction)"),
+        (["--loss-weight", "snr"], "argument --loss-weight: invalid choice: 'snr'"),
+        (["--snr-gamma", "0"], "--snr-gamma 0.0: expected a positive number"),
+        (["--snr-gamma", "-5"], "--snr-gamma -5.0: expected a positive number"),
+        (["--offset-noise", "-0.1"], "--offset-noise -0.1: expected a non-negative number"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, capsys, flags, message):
@@ -277,7 +330,7 @@ def test_cli_help_explains_every_flag():
                  "--timesteps", "--loss", "--batch-size", "--steps", "--lr", "--ema-decay", "--save-every",
                  "--sample-every", "--num-samples", "--sampler", "--sampling-steps", "--precision", "--seed",
                  "--preset", "--coordinator", "--num-processes", "--process-id", "--eta", "--warmup-steps",
-                 "--lr-decay"):
+                 "--lr-decay", "--prediction", "--loss-weight", "--snr-gamma", "--offset-noise"):
         assert flag in result.stdout
     # Where the presets differ, the help gives both defaults.
     assert "training resolution (square) (default preset: 32; article preset: 128)" in " ".join(result.stdout.split())
