@@ -7,7 +7,10 @@ Peers, each in a worker process of its own with its framework's default threadin
 
 * fp32: PyTorch eager, torch.compile, JAX (on a CPU, one JAX device per core, as train.py runs);
 * bf16: PyTorch eager and torch.compile under `torch.autocast(bfloat16)`, JAX computing in bfloat16; both
-  keep float32 parameters and optimizer state.
+  keep float32 parameters and optimizer state;
+* optional JAX fp32 peers that time the train step only: --jax-depthwise (another depthwise formulation) and
+  --jax-objective (another training objective: a prediction target, min-SNR weighting, offset noise), each
+  against PyTorch eager and against the default JAX peer.
 
 Workloads: a training step (AdamW as the article's trainer, one t per sample; the JAX step also updates
 its EMA), a forward pass of the U-Net, and DDPM sampling of the batch, timed over --sample-steps steps and
@@ -56,10 +59,11 @@ class Peer:
     precision: str  # "fp32" | "bf16"
     compiled: bool = False  # torch.compile
     depthwise: str | None = None  # JAX: force this ddpm_jax.depthwise formulation (DDPM_JAX_DEPTHWISE)
+    objective: tuple = ()  # JAX: TrainConfig fields of another training objective, as (name, value) pairs
 
     @property
     def workloads(self):
-        if self.depthwise:  # only the kernel gradient differs between formulations: the train step shows it
+        if self.depthwise or self.objective:  # only the train step differs from the default JAX peer's
             return ["train_step"]
         return [w for w in WORKLOADS if not (self.compiled and w == "sample_1000")]
 
@@ -202,7 +206,7 @@ class JaxRunner(Runner):
 
         self.sync = jax.block_until_ready
         x_np, _, _ = inputs(cfg, "NHWC")
-        compile_step, state, x, key, batch_sharding, graphdef = jax_train_setup(cfg, x_np, peer.precision)
+        compile_step, state, x, key, batch_sharding, graphdef = jax_train_setup(cfg, x_np, peer.precision, peer.objective)
         self.info = {}
         _, self.info["compile_seconds"] = compile_step()  # cold: fills the (empty, temporary) persistent cache
         jax.clear_caches()
@@ -224,9 +228,10 @@ class JaxRunner(Runner):
         forward = jax.jit(lambda s, x, t: nnx.merge(fwd_graphdef, s)(x, t))
         t_B = jax.device_put(jnp.full((x.shape[0],), 500, jnp.int32), batch_sharding)
         share = make_schedule("linear", opts["sample_steps"])  # the same per-step work, fewer steps
+        ddpm = diffusion.sampler_settings("ddpm", timesteps=opts["sample_steps"])
 
         def sample_share():
-            return diffusion.sample(model, share, key, x.shape[0], x.shape[1], batch_sharding=batch_sharding)
+            return diffusion.sample(model, share, key, x.shape[0], x.shape[1], ddpm, batch_sharding=batch_sharding)
 
         fns = {"train_step": train_step, "forward": lambda: forward(fwd_state, x, t_B), "sample_1000": sample_share}
         self.fns = {w: fns[w] for w in peer.workloads}  # only these are warmed up, so only these compile
@@ -252,7 +257,17 @@ def inputs(cfg: dict, layout: str):
     return x, noise, t
 
 
-def jax_train_setup(cfg, x_np, precision):
+def objective_fields(spec: str) -> tuple:
+    """TrainConfig fields of an objective named as experiments/compare_objectives.py names its arms: a prediction
+    (eps, x0, v), then optionally +min-snr (gamma 5) and +offset (0.1), e.g. v+min-snr."""
+    prediction, *extras = spec.split("+")
+    if prediction not in ("eps", "x0", "v") or any(e not in ("min-snr", "offset") for e in extras):
+        raise ValueError(f"--jax-objective {spec}: expected eps, x0 or v, then optionally +min-snr and +offset")
+    return (("prediction", prediction),) + ((("loss_weight", "min-snr"),) if "min-snr" in extras else ()) + (
+        (("offset_noise", 0.1),) if "offset" in extras else ())
+
+
+def jax_train_setup(cfg, x_np, precision, objective=()):
     """The trainer's step on `cfg`, set up as train.py runs it: parameters replicated, the batch split over the
     devices. Returns (compile_step, state, x, key, batch_sharding, graphdef): compile_step() traces, lowers and
     compiles a fresh jit of the step and returns (executable, seconds)."""
@@ -269,7 +284,8 @@ def jax_train_setup(cfg, x_np, precision):
     # The article's optimizer (AdamW 1e-4, no warm-up or clipping), as the PyTorch side uses; the JAX step
     # also carries the EMA update, which the PyTorch step leaves out.
     config = dataclasses.replace(PRESETS["article"], model=cfg["model"], dim=cfg["dim"], dim_mults=cfg["dim_mults"],
-                                 image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision)
+                                 image_size=cfg["image_size"], batch_size=cfg["batch_size"], precision=precision,
+                                 **dict(objective))
     tx = train_state.make_optimizer(config)
     schedule = make_schedule("linear", 1000)
     mesh = runtime.data_mesh()
@@ -365,7 +381,7 @@ def ratio_summary(jax_times, peer_times) -> dict:
 
 def comparisons(peers: list[Peer]):
     """(JAX peer, other peer, label) pairs: JAX against every PyTorch peer of its precision; each forced depthwise
-    formulation against PyTorch eager and against JAX's default; and where both precisions ran, JAX bf16
+    formulation and each other objective against PyTorch eager and against JAX's default; and where both precisions ran, JAX bf16
     against PyTorch eager fp32 as an extra, labelled, row."""
     def first(**match):
         return next((p for p in peers if all(getattr(p, k) == v for k, v in match.items())), None)
@@ -373,7 +389,7 @@ def comparisons(peers: list[Peer]):
     eager32, jax32 = first(framework="torch", precision="fp32", compiled=False), first(name="JAX")
     out = []
     for jax_peer in (p for p in peers if p.framework == "jax"):
-        others = ([p for p in (eager32, jax32) if p] if jax_peer.depthwise else
+        others = ([p for p in (eager32, jax32) if p] if jax_peer.depthwise or jax_peer.objective else
                   [p for p in peers if p.framework == "torch" and p.precision == jax_peer.precision])
         out += [(jax_peer, other, f"{jax_peer.name} / {other.name}") for other in others]
     jax16 = first(framework="jax", precision="bf16")
@@ -435,6 +451,8 @@ def run(args) -> dict:
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     peers = [p for prec in precisions for p in PEERS[prec] if args.torch_compile or not p.compiled]
     peers += [Peer(f"JAX, depthwise {impl}", "jax", "fp32", depthwise=impl) for impl in args.jax_depthwise]
+    peers += [Peer(f"JAX, objective {spec}", "jax", "fp32", objective=objective_fields(spec))
+              for spec in args.jax_objective]
     opts = {"device": args.device, "sample_steps": args.sample_steps, "warmup": args.warmup,
             "turn_seconds": args.turn_seconds,
             "compilation_cache": str(args.compilation_cache or tempfile.mkdtemp(prefix="ddpm_bench_xla_"))}
@@ -509,6 +527,9 @@ def parse_args(argv=None):
     p.add_argument("--jax-depthwise", type=lambda v: [i for i in v.split(",") if i], default=[],
                    help="extra JAX fp32 peers, train step only, each forcing a depthwise formulation "
                         "(comma-separated: shift,lax,swap,taps; see ddpm_jax/depthwise.py)")
+    p.add_argument("--jax-objective", type=lambda v: [i for i in v.split(",") if i], default=[],
+                   help="extra JAX fp32 peers, train step only, each training another objective (comma-separated, "
+                        "e.g. v,x0,eps+min-snr,v+min-snr+offset; the default JAX peer trains eps)")
     p.add_argument("--parallel-setup", action=argparse.BooleanOptionalAction, default=None,
                    help="start every peer at once (default: on with --device gpu)")
     p.add_argument("--compile-cap", type=float, default=900.0,
@@ -525,6 +546,11 @@ def parse_args(argv=None):
     impls = ("shift", "lax", "swap", "taps")  # ddpm_jax.depthwise.IMPLS, without importing JAX here
     if unknown := [i for i in args.jax_depthwise if i not in impls]:
         p.error(f"--jax-depthwise {','.join(unknown)}: expected names from {','.join(impls)}")
+    for spec in args.jax_objective:
+        try:
+            objective_fields(spec)
+        except ValueError as e:
+            p.error(str(e))
     if args.parallel_setup is None:
         args.parallel_setup = args.device == "gpu"
     return args

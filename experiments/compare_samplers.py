@@ -35,7 +35,8 @@ FIRST_SEED = 7
 CONFIGS = [("dpmsolver++", s, 0.0, "linspace") for s in (10, 20, 50)] + [
     ("sde-dpmsolver++", s, 0.0, "linspace") for s in (10, 20, 50)] + [
     ("ddim", s, e, "linspace") for e in (0.0, 1.0) for s in (20, 50, 100)] + [("ddpm", 1000, 0.0, "linspace")]
-SPACING_CONFIGS = [(sampler, 20, 0.0, spacing) for sampler in diffusion.DPM_SOLVERS for spacing in diffusion.SPACINGS]
+SPACING_CONFIGS = [(sampler, 20, 0.0, spacing) for sampler, entry in diffusion.SAMPLERS.items()
+                   if "spacing" in entry.takes for spacing in diffusion.SPACINGS]
 
 
 def name(sampler: str, steps: int, eta: float, spacing: str = "linspace") -> str:
@@ -67,13 +68,15 @@ def main(argv=None) -> None:
                           "backend": jax.default_backend(), "num": args.num, "held_out": args.held_out}
     for sampler, steps, eta, spacing in configs:
         key_name = name(sampler, steps, eta, spacing)
+        settings = diffusion.sampler_settings(sampler, timesteps=run.timesteps, steps=steps, eta=eta,
+                                              spacing=spacing, prediction=run.prediction)
         entry = results.setdefault(key_name, {"sets": []})
+        entry["network_calls"] = diffusion.SAMPLERS[sampler].network_calls(settings.steps)
         sets = args.ddpm_sets if sampler == "ddpm" else args.sets
         for i in range(len(entry["sets"]), sets):
             t0 = time.perf_counter()
             images = diffusion.sample(model, schedule, jax.random.key(FIRST_SEED + i), args.num, run.image_size,
-                                      sampler=sampler, steps=steps, eta=eta, spacing=spacing,
-                                      batch_sharding=sharding)
+                                      settings, batch_sharding=sharding)
             images = np.asarray(images, np.float32)
             seconds = time.perf_counter() - t0
             fake = to_uint8(np.clip(images, 0, 1))

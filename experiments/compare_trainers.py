@@ -223,7 +223,7 @@ def main(argv=None) -> None:
 
     def jax_loss(x0, t, noise):
         x0, t, noise = map(jax.numpy.asarray, (x0, t, noise))
-        return float(diffusion.p_loss(jax_ema, schedule, x0, t, noise, config.loss))
+        return float(diffusion.p_loss(jax_ema, schedule, x0, t, noise, config.objective))
 
     def torch_loss(x0, t, noise):
         def nchw(a):
@@ -244,8 +244,10 @@ def main(argv=None) -> None:
         path = args.out / f"jax_{sampler}{steps}{seed_suffix(seed)}.npz"
         if not path.exists():
             t0 = time.perf_counter()
-            x = diffusion.sample(jax_ema, schedule, jax.random.key(seed), args.num, config.image_size,
-                                 sampler=sampler, steps=steps, eta=config.eta, batch_sharding=batch_sharding)
+            settings = diffusion.sampler_settings(sampler, timesteps=config.timesteps, steps=steps, eta=config.eta,
+                                                  prediction=config.prediction)
+            x = diffusion.sample(jax_ema, schedule, jax.random.key(seed), args.num, config.image_size, settings,
+                                 batch_sharding=batch_sharding)
             x = np.asarray(jax.block_until_ready(x))
             np.savez(path, images=to_uint8(x.clip(0, 1)), seconds=time.perf_counter() - t0)
         with np.load(path) as f:

@@ -1,0 +1,44 @@
+"""The SHA-256 of the default preset's train step as lowered StableHLO (source locations removed): two checkouts
+that print the same hash compile the same program, so their step times can differ only by the machine.
+
+    python benchmarks/program_hash.py                   # this checkout
+    git worktree add /tmp/before <commit>
+    python benchmarks/program_hash.py --tree /tmp/before
+"""
+
+import argparse
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+
+def program_hash(tree: Path) -> tuple[str, int]:
+    sys.path.insert(0, str(tree))
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from ddpm_jax import runtime, train_state
+    from ddpm_jax.config import TrainConfig, validate
+
+    config = TrainConfig()
+    schedule = validate(config, 1)
+    tx = train_state.make_optimizer(config)
+    mesh = runtime.data_mesh()
+    replicated = NamedSharding(mesh, P())
+    graphdef, abstract, _ = train_state.initial_state(config, tx, replicated)
+    step = train_state.jit_train_step(config, graphdef, schedule, tx, replicated)
+    batch = jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size, 3), np.float32,
+                                 sharding=NamedSharding(mesh, P("data")))
+    text = re.sub(r"loc\(.*?\)", "", step.lower(abstract, batch, jax.random.key(0)).as_text())
+    text = "\n".join(line for line in text.splitlines() if not line.strip().startswith("#loc"))
+    return hashlib.sha256(text.encode()).hexdigest(), len(text)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
+                   help="the checkout whose ddpm_jax to import (default: this one)")
+    digest, size = program_hash(p.parse_args().tree.resolve())
+    print(f"{digest}  ({size} characters of StableHLO)")
