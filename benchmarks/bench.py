@@ -500,6 +500,7 @@ def run(args) -> dict:
     machine = {"cpu": cpu_info(), "versions": versions(), "device": args.device,
                "gpu": next((i["gpu"] for i in infos.values() if i.get("gpu")), None)}
     summary = {
+        "command": " ".join(["python", "benchmarks/bench.py", *args.argv]),
         "config": {**cfg, "dim_mults": list(cfg["dim_mults"]), "name": args.config,
                    "optimizer": "AdamW lr 1e-4 betas (0.9, 0.99) wd 0.01",
                    "sample_note": f"sampling timed over {args.sample_steps} steps, scaled to 1000"},
@@ -541,6 +542,7 @@ def parse_args(argv=None):
     p.add_argument("--md", type=Path, help="write the markdown table here")
     p.add_argument("--png", type=Path, help="write a bar chart of the ratios here")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.rounds < 1 or args.sample_steps < 1 or args.sample_steps > 1000:
         p.error("--rounds must be >= 1 and --sample-steps in 1..1000")
     impls = ("shift", "lax", "swap", "taps")  # ddpm_jax.depthwise.IMPLS, without importing JAX here

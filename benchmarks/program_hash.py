@@ -1,28 +1,31 @@
 """The SHA-256 of the default preset's train step as lowered StableHLO (source locations removed): two checkouts
 that print the same hash compile the same program, so their step times can differ only by the machine.
 
-    python benchmarks/program_hash.py                   # this checkout
+    python benchmarks/program_hash.py --prediction eps  # this checkout, the default preset learning eps
     git worktree add /tmp/before <commit>
-    python benchmarks/program_hash.py --tree /tmp/before
+    python benchmarks/program_hash.py --tree /tmp/before  # a checkout from before --prediction (eps)
 """
 
 import argparse
+import dataclasses
 import hashlib
 import re
 import sys
 from pathlib import Path
 
 
-def program_hash(tree: Path) -> tuple[str, int]:
+def program_hash(tree: Path, prediction: str | None) -> tuple[str, int]:
     sys.path.insert(0, str(tree))
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from ddpm_jax import runtime, train_state
-    from ddpm_jax.config import TrainConfig, validate
+    from ddpm_jax.config import PRESETS, validate
 
-    config = TrainConfig()
+    config = PRESETS["default"]
+    if prediction:
+        config = dataclasses.replace(config, prediction=prediction)
     schedule = validate(config, 1)
     tx = train_state.make_optimizer(config)
     mesh = runtime.data_mesh()
@@ -40,5 +43,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="the checkout whose ddpm_jax to import (default: this one)")
-    digest, size = program_hash(p.parse_args().tree.resolve())
+    p.add_argument("--prediction", help="eps | x0 | v instead of the preset's (a checkout with --prediction)")
+    args = p.parse_args()
+    digest, size = program_hash(args.tree.resolve(), args.prediction)
     print(f"{digest}  ({size} characters of StableHLO)")

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(args.threads)
     runtime.enable_compilation_cache()
-    config = PRESETS["default"]
+    config = dataclasses.replace(PRESETS["default"], prediction="eps")  # the PyTorch loop learns the article's eps
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),
                                      sample_every=args.steps)

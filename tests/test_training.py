@@ -332,8 +332,10 @@ def test_cli_help_explains_every_flag():
                  "--preset", "--coordinator", "--num-processes", "--process-id", "--eta", "--warmup-steps",
                  "--lr-decay", "--prediction", "--loss-weight", "--snr-gamma", "--offset-noise"):
         assert flag in result.stdout
-    # Where the presets differ, the help gives both defaults.
-    assert "training resolution (square) (default preset: 32; article preset: 128)" in " ".join(result.stdout.split())
+    # Where the presets differ, the help gives both defaults: the default preset learns v, the article's eps.
+    text = " ".join(result.stdout.split())
+    assert "training resolution (square) (default preset: 32; article preset: 128)" in text
+    assert "sample | v_prediction) (default preset: v; article preset: eps)" in text
 
 
 def _free_port():
