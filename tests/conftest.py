@@ -1,20 +1,22 @@
 """Shared set-up of the non-parity tests: one persistent XLA cache per session, shared with subprocesses, and
 one tiny training run that the trainer's tests start from."""
 
+import dataclasses
 import os
 
 import pytest
 
 from ddpm_jax import training
-from ddpm_jax.config import TrainConfig
+from ddpm_jax.config import PRESETS
 from ddpm_jax.runtime import enable_compilation_cache
 
 # One small U-Net level: compiling dominates these tests, and TINY and TINY_FLAGS describe the same run so
-# that every test and subprocess reuses the programs in the session's compilation cache.
-TINY = TrainConfig(
-    model="OneResUNet", dim=8, dim_mults=(1,), image_size=16, batch_size=4, steps=8, warmup_steps=2,
-    save_every=4, sample_every=1000, sampling_steps=2, num_samples=4, log_every=2, embedded_size=32,
-    timesteps=100,
+# that every test and subprocess reuses the programs in the session's compilation cache (TINY_FLAGS start from
+# the default preset, so TINY does).
+TINY = dataclasses.replace(
+    PRESETS["default"], model="OneResUNet", dim=8, dim_mults=(1,), image_size=16, batch_size=4, steps=8,
+    warmup_steps=2, save_every=4, sample_every=1000, sampling_steps=2, num_samples=4, log_every=2,
+    embedded_size=32, timesteps=100,
 )
 TINY_FLAGS = [
     "--model", "OneResUNet", "--dim", "8", "--dim-mults", "1", "--image-size", "16", "--batch-size", "4",
