@@ -133,13 +133,15 @@ def records(folder: Path) -> list[dict]:
 
 
 def table(folder: Path) -> str:
-    """Markdown: per arm, each seed's SWD (mean of its sample sets) with both samplers, and their mean."""
+    """Markdown: per arm, each seed's SWD (mean of its sample sets) with both samplers, their mean and range
+    (max - min over the seeds), and the SDE mean over the data-against-data SWD."""
     by_arm: dict[str, list[dict]] = {}
     for r in records(folder):
         if "scores" in r:
             by_arm.setdefault(r["arm"], []).append(r)
-    rows = ["| arm | flags | seeds | SWD, SDE-DPM-Solver++ 20: per seed (mean) | SWD, DPM-Solver++ 20 (ODE) | "
-            "ODE / SDE | colour W1 (SDE) | training wall time |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| arm | flags | seeds | SWD, SDE-DPM-Solver++ 20: per seed (mean, range) | / data-against-data | "
+            "SWD, DPM-Solver++ 20 (ODE) | ODE / SDE | colour W1 (SDE) | training wall time |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for arm, runs in sorted(by_arm.items(), key=lambda kv: list(ARMS).index(kv[0])):
         runs.sort(key=lambda r: r["seed"])
 
@@ -147,18 +149,22 @@ def table(folder: Path) -> str:
             return [statistics.mean(s[key] for s in r["scores"][sampler]) for r in runs]
 
         sde, ode = per_seed("sde-dpmsolver++ 20"), per_seed("dpmsolver++ 20")
-        cells = [", ".join(f"{v:.1f}" for v in values) + (f" ({statistics.mean(values):.1f})" if len(values) > 1
-                                                            else "") for values in (sde, ode)]
+        cells = [", ".join(f"{v:.1f}" for v in values) + (
+            f" ({statistics.mean(values):.1f}, {max(values) - min(values):.1f})" if len(values) > 1 else "")
+            for values in (sde, ode)]
         walls = [r["training"]["seconds"] for r in runs]
+        data = statistics.mean(r["scoring"]["data_against_data_swd"] for r in runs)
         rows.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(none)'}` | {', '.join(str(r['seed']) for r in runs)} | "
-                    f"{cells[0]} | {cells[1]} | {statistics.mean(ode) / statistics.mean(sde):.2f} | "
+                    f"{cells[0]} | {statistics.mean(sde) / data:.2f}x | {cells[1]} | "
+                    f"{statistics.mean(ode) / statistics.mean(sde):.2f} | "
                     f"{statistics.mean(per_seed('sde-dpmsolver++ 20', 'colour_w1')):.1f} | "
                     f"{min(walls) / 60:.0f}-{max(walls) / 60:.0f} min |")
     return "\n".join(rows)
 
 
-def figure(folder: Path, workdirs: Path, out: Path, seed: int = 0, tiles: int = 16) -> None:
-    """One grid of `tiles` SDE-DPM-Solver++ samples per arm (training seed `seed`), side by side, shown 2x."""
+def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
+    """A grid of `tiles` samples per arm (columns) and sampler (rows: SDE-DPM-Solver++, DPM-Solver++ ODE, both
+    at 20 steps from the same x_T), from each arm's lowest training seed whose workdir holds its samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,14 +172,21 @@ def figure(folder: Path, workdirs: Path, out: Path, seed: int = 0, tiles: int = 
 
     from ddpm_jax.images import grid
 
-    arms = [r["arm"] for r in records(folder) if r["seed"] == seed and "scores" in r]
-    arms.sort(key=list(ARMS).index)
-    fig, axes = plt.subplots(1, len(arms), figsize=(2.2 * len(arms), 2.6))
-    for ax, arm in zip(np.atleast_1d(axes), arms):
-        samples = np.load(workdirs / f"{arm}_seed{seed}" / "samples_sde-dpmsolver++.npy")[:tiles]
-        ax.imshow(grid(samples.astype(np.float32) / 255.0, arm), interpolation="nearest")
-        ax.set_title(arm, fontsize=9)
-        ax.axis("off")
+    shown = {}
+    for r in sorted(records(folder), key=lambda r: r["seed"]):
+        workdir = workdirs / f"{r['arm']}_seed{r['seed']}"
+        if r["arm"] not in shown and all((workdir / f"samples_{s}.npy").is_file() for s, _ in SAMPLERS.values()):
+            shown[r["arm"]] = (r["seed"], workdir)
+    arms = sorted(shown, key=list(ARMS).index)
+    fig, axes = plt.subplots(len(SAMPLERS), len(arms), figsize=(2.2 * len(arms), 2.4 * len(SAMPLERS)),
+                             squeeze=False)
+    for row, (name, (sampler, _)) in enumerate(SAMPLERS.items()):
+        for ax, arm in zip(axes[row], arms):
+            seed, workdir = shown[arm]
+            samples = np.load(workdir / f"samples_{sampler}.npy")[:tiles].astype(np.float32) / 255.0
+            ax.imshow(grid(samples, arm), interpolation="nearest")
+            ax.set_title(f"{arm} (seed {seed}), {name}", fontsize=8)
+            ax.axis("off")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -188,7 +201,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdirs", type=Path, default=ROOT / "runs" / "objectives")
     p.add_argument("--records", type=Path, default=ROOT / "docs" / "training" / "objectives")
     p.add_argument("--table", action="store_true", help="print the table of the records")
-    p.add_argument("--figure", type=Path, help="write the PNG of one grid per arm (training seed 0)")
+    p.add_argument("--figure", type=Path, help="write the PNG of a grid per arm and sampler (its lowest training seed with samples)")
     args = p.parse_args(argv)
     if args.arm:
         run_arm(args)
