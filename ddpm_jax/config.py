@@ -144,8 +144,9 @@ PRESETS = {
     # higher learning rate (with warm-up, clipping and a cosine decay) and an EMA updated every step; its
     # samples are best with a sampler that draws fresh noise at every step: SDE-DPM-Solver++ at 20 steps scores
     # as DDIM-100 at eta 1 in a fifth of the time (docs/sampling.md, "Which sampler"). It learns v: over three
-    # seeds its samples beat eps's beyond the spread, and DPM-Solver++ ODE does as well as the SDE on them
-    # (docs/training.md, "Objectives: what was measured"). TrainConfig's own default stays eps, the article's,
+    # seeds, DPM-Solver++ ODE samples of v models beat eps's beyond the spread, and do as well as the SDE's;
+    # with the SDE solver v scored better on every seed, within the spread (docs/training.md, "Objectives:
+    # what was measured"). TrainConfig's own default stays eps, the article's,
     # which is also what a config.json written before the objectives means.
     "default": TrainConfig(prediction="v"),
     # The article's run: TwoResUNet dim 64 at 128 px, batch 16, T = 1000 linear, AdamW 1e-4 without warm-up,
