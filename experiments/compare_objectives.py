@@ -30,10 +30,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
-    "eps": [],  # the article's target, unweighted: today's default
+    "eps": ["--prediction", "eps"],  # the article's target, unweighted (the default preset's before this study)
     "v": ["--prediction", "v"],
     "x0": ["--prediction", "x0"],
-    "eps+min-snr": ["--loss-weight", "min-snr"],
+    "eps+min-snr": ["--prediction", "eps", "--loss-weight", "min-snr"],
     "v+min-snr": ["--prediction", "v", "--loss-weight", "min-snr"],
     "x0+min-snr": ["--prediction", "x0", "--loss-weight", "min-snr"],
 }
