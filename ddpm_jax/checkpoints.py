@@ -139,16 +139,17 @@ def read_model_config(directory) -> ModelConfig:
         raise CheckpointError(f"{path}: not a valid model config ({e})") from None
 
 
-def recorded_prediction(path) -> str | None:
-    """The target that the model at `path` records it predicts (its run's config.json, or its model.json); None
-    for a torch file, which records none, or a folder that holds no model."""
+def recorded_config(path) -> ModelConfig | None:
+    """The model config that the model at `path` records (its run's config.json, or its model.json), with its
+    prediction target and EDM constants; None for a torch file, which records neither, or a folder that holds no
+    model."""
     path = Path(path)
     if not path.is_dir():
         return None
     if (run := workdirs.run_config(path)) is not None:
-        return run.prediction
+        return run.model_config
     if (path / MODEL_JSON).is_file():
-        return read_model_config(path).prediction
+        return read_model_config(path)
     return None
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def _parse_mults(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
 
 
+def _flag_type(field: dataclasses.Field):
+    """The parser of a TrainConfig field's flag: its declared type, without None (`int | None` parses ints)."""
+    kinds = [kind for kind in typing.get_args(field.type) or (field.type,) if kind is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str):
+        raise TypeError(f"TrainConfig.{field.name}: its flag needs a parser for {field.type}")
+    return kinds[0]
+
+
 def train_parser() -> argparse.ArgumentParser:
     from ddpm_jax.config import CHOICES, PRESETS, TrainConfig
 
@@ -77,10 +86,10 @@ def train_parser() -> argparse.ArgumentParser:
                         help="base config; flags override it. 'article' is the article's 128 px run")
 
     def shown(value):
-        return ",".join(map(str, value)) if isinstance(value, tuple) else value
+        return ",".join(map(str, value)) if isinstance(value, tuple) else "unset" if value is None else value
 
     for field in dataclasses.fields(TrainConfig):
-        kind = _parse_mults if field.name == "dim_mults" else int if field.default is None else type(field.default)
+        kind = _parse_mults if field.name == "dim_mults" else _flag_type(field)
         values = {name: shown(getattr(preset, field.name)) for name, preset in PRESETS.items()}
         defaults = (f"default: {values['default']}" if len(set(values.values())) == 1 else
                     "; ".join(f"{name} preset: {value}" for name, value in values.items()))
@@ -139,16 +148,26 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     parser.add_argument("--sampler", help="; ".join(f"{name}: {entry.help}" for name, entry in
                                                     diffusion.SAMPLERS.items()) +
-                        f" (default: the run's, else {DEFAULTS.sampler})")
-    parser.add_argument("--steps", type=int, help=f"steps of ddim and the DPM-Solvers (default: the run's, else "
-                        f"{DEFAULTS.sampling_steps}; ddpm always runs T)")
+                        " (default: the run's, else " + ", ".join(f"{name} for {family.upper()} models" for family, name
+                                                                  in diffusion.DEFAULT_SAMPLERS.items()) + ")")
+    parser.add_argument("--steps", type=int, help=f"steps of ddim, the DPM-Solvers and EDM's samplers (default: the "
+                        f"run's, else {DEFAULTS.sampling_steps}; ddpm always runs T)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
                         f"(default: the run's, else {DEFAULTS.eta:g})")
     parser.add_argument("--spacing", default="linspace", help=f"{' | '.join(diffusion.SPACINGS)}: where the "
                         "DPM-Solvers' steps fall, as diffusers' timestep_spacing (default linspace)")
     parser.add_argument("--prediction", help=f"{' | '.join(diffusion.PREDICTIONS)}: what the network predicts, for a "
-                        ".pt or .safetensors, which records none (default eps, the article's); a workdir or model "
-                        "directory records its own")
+                        ".pt or .safetensors, which records none (default eps, the article's; edm: with the default "
+                        "EDM constants); a workdir or model directory records its own")
+    edm = parser.add_argument_group("EDM's samplers (euler, heun; Karras et al. 2022, eq. 5 and Algorithm 2)")
+    defaults = diffusion.SamplerSettings._field_defaults
+    for name, help in (("sigma_min", "the lowest noise level before 0"), ("sigma_max", "the first noise level"),
+                       ("rho", "the spacing of the noise levels"),
+                       ("s_churn", "fresh noise put back per step (default: the run's, else 0)"),
+                       ("s_tmin", "churn only at noise levels from this"), ("s_tmax", "up to this"),
+                       ("s_noise", "the std of the churn's noise")):
+        shown = "" if name == "s_churn" else f" (default {defaults[name]:g})"
+        edm.add_argument("--" + name.replace("_", "-"), type=float, help=help + shown)
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar, as when stderr is not a terminal (with it, the sampler runs in "
@@ -165,7 +184,7 @@ def sample_parser() -> argparse.ArgumentParser:
 def _sample(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from ddpm_jax import images, runtime
+    from ddpm_jax import diffusion, images, runtime
     from ddpm_jax.sample import sample_checkpoint
 
     # Where the images go is checked before the minutes of sampling, not after.
@@ -178,7 +197,8 @@ def _sample(args: argparse.Namespace) -> None:
     samples = sample_checkpoint(args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                 seed=args.seed, image_size=args.image_size, schedule=args.schedule,
                                 timesteps=args.timesteps, ema=args.ema, spacing=args.spacing,
-                                prediction=args.prediction, progress=args.progress and sys.stderr.isatty())
+                                prediction=args.prediction, progress=args.progress and sys.stderr.isatty(),
+                                **{name: getattr(args, name) for name in diffusion.EDM_SETTINGS})
     images.save_grid(samples, out)
     if out_dir:
         images.save_images(samples, out_dir)
@@ -202,8 +222,9 @@ def convert_parser() -> argparse.ArgumentParser:
     to_flax.add_argument("input", help="a .pt/.pth or .safetensors: U-Net or DiffusionModel state_dict, or the "
                          "article trainer's checkpoint (.pt)")
     to_flax.add_argument("output", help="directory to write (created if needed)")
-    to_flax.add_argument("--prediction", help="eps | x0 | v: the target the model was trained to predict, recorded in "
-                         "model.json (a torch file records none; default eps, the article's)")
+    to_flax.add_argument("--prediction", help="eps | x0 | v | edm: the target the model was trained to predict, "
+                         "recorded in model.json (a torch file records none; default eps, the article's; edm records "
+                         "the default EDM constants)")
     to_torch = sub.add_parser("to-torch", help="any checkpoint -> a U-Net state_dict (.pt, or .safetensors) for the "
                               "reference model")
     to_torch.add_argument("input", help="a Flax model directory, a training workdir or any file that to-flax accepts")
@@ -220,7 +241,7 @@ def convert_parser() -> argparse.ArgumentParser:
 
 def _convert(args: argparse.Namespace) -> None:
     from ddpm_jax import convert, diffusion
-    from ddpm_jax.checkpoints import MODEL_JSON, PARAMS_DIR, load_model, recorded_prediction, save_model
+    from ddpm_jax.checkpoints import MODEL_JSON, PARAMS_DIR, load_model, recorded_config, save_model
     from ddpm_jax.config import ModelConfig
 
     out = Path(args.output)
@@ -229,26 +250,30 @@ def _convert(args: argparse.Namespace) -> None:
     if args.command == "to-torch" and out.is_dir():
         raise ValueError(f"{out}: is a directory; expected a file path to write, e.g. {out / 'model.pt'}")
     chosen = getattr(args, "prediction", None)
-    recorded = recorded_prediction(args.input)
+    recorded = recorded_config(args.input)
     if chosen is not None:
         diffusion.check_prediction(chosen)
-        if recorded not in (None, chosen):
-            raise ValueError(f"--prediction {chosen}: {args.input} records a model trained to predict {recorded}; "
-                             f"leave --prediction out")
+        if recorded is not None and recorded.prediction != chosen:
+            raise ValueError(f"--prediction {chosen}: {args.input} records a model trained to predict "
+                             f"{recorded.prediction}; leave --prediction out")
     model, config = load_model(args.input, ema=args.ema)
     notes = []
     if args.command == "to-flax":
         if recorded is None:
             config = dataclasses.replace(config, prediction=chosen or "eps")
             if chosen is None:
-                notes.append("assumed: a torch file records none; --prediction x0|v records another")
+                notes.append("assumed: a torch file records none; --prediction x0|v|edm records another")
         out = save_model(model, config, out)
     else:
         out = convert.write_weights_file(model, out)
         theta = config.sinusoidal_pos_emb_theta
         if theta != ModelConfig.sinusoidal_pos_emb_theta:
             notes.append(f"build the reference with sinusoidal_pos_emb_theta={theta}")
-        if config.prediction != "eps":
+        if diffusion.family(config.prediction) == "edm":
+            notes.append(f"an EDM model ({', '.join(f'{k}={v:g}' for k, v in config.edm.items())}): the reference "
+                         f"DiffusionModel does not sample it; the file records neither, so sample it with ddpm-sample "
+                         f"--prediction edm (default constants) or from the Flax model")
+        elif config.prediction != "eps":
             notes.append(f"the file records no target: sample it with ddpm-sample --prediction {config.prediction}; "
                          f"the reference DiffusionModel samples eps models only")
     print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}, "

@@ -37,19 +37,33 @@ class ModelConfig:
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)  # channels of level i are dim * dim_mults[i]
     channels: int = 3  # image channels
     sinusoidal_pos_emb_theta: int = 10000  # base of the sinusoidal time embedding
-    prediction: str = "eps"  # what the output predicts: eps | x0 | v (diffusion.predict reads it)
+    prediction: str = "eps"  # what the output predicts: eps | x0 | v (diffusion.predict reads it), or edm
+    edm: dict | None = None  # an edm model's constants (diffusion.EDM's fields; unset: the defaults); else None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown model {self.variant!r}; expected one of {list(VARIANTS)}")
         if self.prediction not in diffusion.PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; expected one of {list(diffusion.PREDICTIONS)}")
+        if diffusion.family(self.prediction) != "edm":
+            if self.edm is not None:
+                raise ValueError(f"edm {self.edm}: a model of prediction {self.prediction} has no EDM constants")
+        else:
+            fields, given = diffusion.EDM._fields, dict(self.edm or {})
+            if set(given) - set(fields):
+                raise ValueError(f"edm: unknown keys {sorted(set(given) - set(fields))}; expected {list(fields)}")
+            object.__setattr__(self, "edm", diffusion.EDM(**given)._asdict())
         if self.init_dim not in (None, self.dim):  # as in the article's code, whose forward fails the same way
             raise ValueError(
                 f"init_dim {self.init_dim} with dim {self.dim}: expected init_dim = dim (or None). The U-Nets join "
                 f"the stem's output to the last level's, and final_res_block takes 2 * dim channels."
             )
         object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
+
+    @property
+    def edm_constants(self) -> diffusion.EDM:
+        """The EDM constants of an edm model (the defaults for any other, which does not read them)."""
+        return diffusion.EDM(**(self.edm or {}))
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
@@ -78,12 +92,17 @@ class TrainConfig:
     timesteps: int = _field(1000, 'diffusion steps T')
     loss: str = _field("l2", 'l2 | l1 between the target and the network\'s output')
     prediction: str = _field("eps", 'what the network learns to output: eps (the noise, the article\'s) | x0 | v '
-                             '(diffusers\' epsilon | sample | v_prediction)')
+                             '(diffusers\' epsilon | sample | v_prediction), or edm: Karras et al. 2022\'s '
+                             'preconditioned denoiser, trained at log-normal noise levels and sampled by heun or euler')
     loss_weight: str = _field("none", 'none | min-snr: each sample\'s loss weighted by min(SNR, gamma) / SNR for eps, '
                               'min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023)')
     snr_gamma: float = _field(5.0, 'the gamma of --loss-weight min-snr')
     offset_noise: float = _field(0.0, 'offset noise: S times one Gaussian value per image and channel added to the '
                                  'training noise (lucidrains\' offset_noise_strength); 0 disables')
+    sigma_data: float = _field(0.5, 'edm: the data\'s standard deviation in the preconditioning')
+    p_mean: float = _field(-1.2, 'edm: the mean of ln(sigma) in training')
+    p_std: float = _field(1.2, 'edm: the standard deviation of ln(sigma) in training')
+    c_noise_scale: float = _field(1.0, 'edm: the U-Net\'s time input is c_noise_scale * ln(sigma) / 4 (the paper: 1)')
     batch_size: int = _field(16, 'global batch, split over all devices')
     steps: int = _field(4500, 'optimizer steps in total')
     lr: float = _field(2e-3, 'AdamW learning rate (after warm-up); the article uses 1e-4')
@@ -100,10 +119,12 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, 'newest checkpoints kept')
     sample_every: int = _field(500, 'sample a grid from the EMA weights every this many steps (and at the end)')
     num_samples: int = _field(16, 'images per sample grid')
-    sampler: str = _field("sde-dpmsolver++", "the sample grids' sampler: " +
-                          "; ".join(f"{name}: {entry.help}" for name, entry in diffusion.SAMPLERS.items()))
-    sampling_steps: int = _field(20, 'steps of ddim and the DPM-Solvers (ignored by ddpm)')
+    sampler: str | None = _field(None, "the sample grids' sampler (unset: " + ", ".join(
+        f"{name} for {family.upper()} models" for family, name in diffusion.DEFAULT_SAMPLERS.items()) + "): " +
+        "; ".join(f"{name}: {entry.help}" for name, entry in diffusion.SAMPLERS.items()))
+    sampling_steps: int = _field(20, 'steps of ddim, the DPM-Solvers and EDM\'s samplers (ignored by ddpm)')
     eta: float = _field(1.0, 'DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step (DDPM-like)')
+    s_churn: float = _field(0.0, 'EDM\'s samplers: churn, the fresh noise put back per step (Algorithm 2; 0: none)')
     precision: str = _field("fp32", 'fp32 | bf16 (bf16 compute, float32 parameters and optimizer state)')
     log_every: int = _field(25, 'metrics line (and non-finite check) every this many steps')
     seed: int = _field(0, 'seeds initialisation, data order, noise and timesteps')
@@ -113,17 +134,24 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
+        edm = diffusion.family(self.prediction) == "edm"
         return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults, channels=self.channels or 3,
-                           prediction=self.prediction)
+                           prediction=self.prediction, edm=self.edm._asdict() if edm else None)
+
+    @property
+    def edm(self) -> diffusion.EDM:
+        return diffusion.EDM(self.sigma_data, self.p_mean, self.p_std, self.c_noise_scale)
 
     @property
     def objective(self) -> diffusion.Objective:
-        return diffusion.Objective(self.prediction, self.loss, self.loss_weight, self.snr_gamma, self.offset_noise)
+        return diffusion.Objective(self.prediction, self.loss, self.loss_weight, self.snr_gamma, self.offset_noise,
+                                   self.edm)
 
     def sampler_settings(self) -> diffusion.SamplerSettings:
         """The sample grids' sampler, checked (a ValueError names the flag)."""
         return diffusion.sampler_settings(self.sampler, timesteps=self.timesteps, steps=self.sampling_steps,
-                                          eta=self.eta, prediction=self.prediction, steps_flag="--sampling-steps")
+                                          eta=self.eta, prediction=self.prediction, steps_flag="--sampling-steps",
+                                          edm=self.edm, s_churn=self.s_churn)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
@@ -135,7 +163,8 @@ class TrainConfig:
 
 # A resumed run must keep the fields that shape the model and those that define what it learns.
 SHAPE_FIELDS = ("model", "image_size", "channels", "dim", "dim_mults")
-OBJECTIVE_FIELDS = ("schedule", "timesteps", "prediction", "loss_weight", "snr_gamma", "offset_noise")
+OBJECTIVE_FIELDS = ("schedule", "timesteps", "prediction", "loss_weight", "snr_gamma", "offset_noise", "sigma_data",
+                    "p_mean", "p_std", "c_noise_scale")
 # Resuming with another value of these is allowed, with a warning: the run is no longer the one it began as.
 RECIPE_FIELDS = ("loss", "batch_size", "seed")
 
@@ -181,7 +210,8 @@ CHOICES = {
     "channels": (1, 3),  # or None: from the data
 }
 POSITIVE = ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every", "num_samples",
-            "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr", "snr_gamma")
+            "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr", "snr_gamma", "sigma_data", "p_std",
+            "c_noise_scale")
 NON_NEGATIVE = ("warmup_steps", "ema_start", "seed", "weight_decay", "grad_clip", "offset_noise")
 UNIT_INTERVAL = ("adam_b1", "adam_b2", "ema_decay")  # [0, 1)
 
@@ -214,6 +244,10 @@ def validate(config: TrainConfig, num_devices: int) -> Schedule:
     need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
     check_image_size(config.image_size, len(config.dim_mults))
     need(config.batch_size % num_devices == 0, "batch_size", f"a multiple of the device count ({num_devices})")
+    if diffusion.family(config.prediction) == "edm":  # EDM's loss is its own: l2, weighted by lambda(sigma)
+        for field, default in (("loss", "l2"), ("loss_weight", "none"), ("offset_noise", 0.0)):
+            need(getattr(config, field) == default, field, f"{default} with --prediction edm, whose loss is the "
+                 f"paper's (l2, weighted by (sigma^2 + sigma_data^2) / (sigma sigma_data)^2)")
     config.sampler_settings()
     return check_schedule(config.schedule, config.timesteps)
 

@@ -1,10 +1,15 @@
-"""Pure diffusion math: the training objectives, DDPM, DDIM and DPM-Solver++ steps, and the samplers as one
+"""Pure diffusion math: the training objectives, DDPM, DDIM, DPM-Solver++ and EDM steps, and the samplers as one
 registry, each run as one compiled scan.
 
 Every function takes the Schedule pytree and explicit arrays or keys, so all of it jit-compiles. The model is any
-callable `output_BHWC = model(x_BHWC, t_B)` whose output predicts one target: the noise (eps, the article's),
-x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022). `predict` is the one place that turns an
-output into estimates of x_0 and of the noise; the samplers use those estimates only.
+callable `output_BHWC = model(x_BHWC, t_B)`. Two families:
+- DDPM (the article's): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer t, and the output predicts one
+  target: the noise (eps, the article's), x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022).
+  `predict` is the one place that turns an output into estimates of x_0 and of the noise.
+- EDM (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"): x = x_0 + sigma
+  eps at continuous sigma, and the network is preconditioned into the denoiser D(x; sigma) = c_skip x + c_out
+  F(c_in x; c_noise) (`edm_denoise`), with t_B = c_noise.
+`family(prediction)` says which a model belongs to; the samplers use the estimates only.
 """
 
 from functools import partial
@@ -18,10 +23,17 @@ from flax import nnx
 from ddpm_jax.schedules import Schedule
 
 LOSSES = ("l2", "l1")
-PREDICTIONS = ("eps", "x0", "v")
+DDPM_PREDICTIONS = ("eps", "x0", "v")  # the DDPM family's targets
+EDM_PREDICTION = "edm"  # the EDM family's preconditioned denoiser
+PREDICTIONS = (*DDPM_PREDICTIONS, EDM_PREDICTION)  # what --prediction takes
 DIFFUSERS_PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # their prediction_type
 LOSS_WEIGHTS = ("none", "min-snr")
 SPACINGS = ("linspace", "leading", "trailing")  # diffusers' timestep_spacing, for DPM-Solver++
+
+
+def family(prediction: str) -> str:
+    """The family a model of `prediction` belongs to: "edm" or "ddpm"; the one place that decides."""
+    return "edm" if prediction == EDM_PREDICTION else "ddpm"
 
 
 def _extract(a_T, t_B, ndim):
@@ -33,14 +45,24 @@ def _extract(a_T, t_B, ndim):
 # Training: what the network learns.
 
 
+class EDM(NamedTuple):
+    """The EDM family's constants (Karras et al. 2022, Table 1), recorded with the model."""
+
+    sigma_data: float = 0.5  # the data's standard deviation the preconditioning assumes
+    p_mean: float = -1.2  # training: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+    c_noise_scale: float = 1.0  # the U-Net's time input is c_noise = c_noise_scale * ln(sigma) / 4 (paper: 1)
+
+
 class Objective(NamedTuple):
     """What the network is trained to output and how its error is weighted; hashable (a static argument of jit)."""
 
-    prediction: str = "eps"  # the target: eps | x0 | v
+    prediction: str = "eps"  # the target: eps | x0 | v, or edm (the EDM family)
     loss: str = "l2"  # l2 | l1 between the target and the output
     loss_weight: str = "none"  # none | min-snr (Hang et al. 2023)
     snr_gamma: float = 5.0  # min-snr's gamma
     offset_noise: float = 0.0  # std of one Gaussian value per image and channel added to the training noise
+    edm: EDM = EDM()  # the EDM family's constants (read by edm only)
 
 
 def q_sample(schedule: Schedule, x0_BHWC, t_B, noise_BHWC):
@@ -67,7 +89,7 @@ def target(schedule: Schedule, prediction: str, x0_BHWC, t_B, noise_BHWC):
         return x0_BHWC
     if prediction == "v":
         return velocity(schedule, x0_BHWC, t_B, noise_BHWC)
-    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    raise ValueError(f"unknown prediction {prediction!r}; expected one of {DDPM_PREDICTIONS}")
 
 
 def predict(prediction: str, output, x, alpha, sigma):
@@ -79,7 +101,7 @@ def predict(prediction: str, output, x, alpha, sigma):
         return output, (x - alpha * output) / sigma
     if prediction == "v":
         return alpha * x - sigma * output, sigma * x + alpha * output
-    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    raise ValueError(f"unknown prediction {prediction!r}; expected one of {DDPM_PREDICTIONS}")
 
 
 def snr(schedule: Schedule, t_B):
@@ -100,7 +122,7 @@ def loss_weights(schedule: Schedule, t_B, objective: Objective):
     clipped = jnp.minimum(ratio, objective.snr_gamma)
     divisor = {"eps": ratio, "x0": 1.0, "v": ratio + 1.0}.get(objective.prediction)
     if divisor is None:
-        raise ValueError(f"unknown prediction {objective.prediction!r}; expected one of {PREDICTIONS}")
+        raise ValueError(f"unknown prediction {objective.prediction!r}; expected one of {DDPM_PREDICTIONS}")
     return clipped / divisor
 
 
@@ -131,11 +153,61 @@ def training_noise(key, shape, dtype, offset_noise: float = 0.0):
 
 
 def training_loss(model, schedule: Schedule, x0_BHWC, key, objective: Objective = Objective()):
-    """DDPM's Algorithm 1: one uniform t per sample and fresh training noise, both drawn from `key`."""
+    """DDPM's Algorithm 1: one uniform t per sample and fresh training noise, both drawn from `key`; an EDM
+    objective's loss (`edm_training_loss`, which has no use for the schedule) where the objective is edm."""
+    if family(objective.prediction) == "edm":
+        return edm_training_loss(model, x0_BHWC, key, objective.edm)
     t_key, noise_key = jax.random.split(key)
     t_B = jax.random.randint(t_key, x0_BHWC.shape[:1], 0, schedule.num_timesteps)
     noise = training_noise(noise_key, x0_BHWC.shape, x0_BHWC.dtype, objective.offset_noise)
     return p_loss(model, schedule, x0_BHWC, t_B, noise, objective)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM (Karras et al. 2022): preconditioning, its training loss and its noise levels.
+
+
+def edm_preconditioning(sigma, sigma_data: float):
+    """(c_skip, c_out, c_in) of the paper's Table 1 at noise level sigma."""
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / jnp.sqrt(total), 1.0 / jnp.sqrt(total)
+
+
+def edm_c_noise(sigma, edm: EDM):
+    """The U-Net's time input at sigma: c_noise_scale * ln(sigma) / 4 (the paper's c_noise times the scale)."""
+    return edm.c_noise_scale * jnp.log(sigma) / 4
+
+
+def edm_loss_weight(sigma, sigma_data: float):
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, the paper's loss weight."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_denoise(model, x_BHWC, sigma_B, edm: EDM):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): the network as the EDM denoiser, one sigma per image."""
+    sigma = sigma_B.reshape((-1,) + (1,) * (x_BHWC.ndim - 1))
+    c_skip, c_out, c_in = edm_preconditioning(sigma, edm.sigma_data)
+    output = model(c_in * x_BHWC, edm_c_noise(sigma_B, edm)).astype(x_BHWC.dtype)
+    return c_skip * x_BHWC + c_out * output
+
+
+def edm_training_loss(model, x0_BHWC, key, edm: EDM):
+    """The paper's loss: ln(sigma) ~ N(p_mean, p_std^2) per sample, n ~ N(0, sigma^2), and the mean over the
+    batch of lambda(sigma) times the mean over each image of (D(x_0 + n; sigma) - x_0)^2."""
+    sigma_key, noise_key = jax.random.split(key)
+    sigma_B = jnp.exp(edm.p_mean + edm.p_std * jax.random.normal(sigma_key, x0_BHWC.shape[:1], x0_BHWC.dtype))
+    noise = jax.random.normal(noise_key, x0_BHWC.shape, x0_BHWC.dtype)
+    denoised = edm_denoise(model, x0_BHWC + sigma_B[:, None, None, None] * noise, sigma_B, edm)
+    errors = jnp.mean((denoised - x0_BHWC) ** 2, axis=tuple(range(1, x0_BHWC.ndim)))
+    return jnp.mean(edm_loss_weight(sigma_B, edm.sigma_data) * errors)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
+    """The paper's eq. 5: `steps` noise levels (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho from sigma_max down to sigma_min, then 0 (float64; one level is sigma_max)."""
+    ramp = np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return np.append((top + ramp * (bottom - top)) ** rho, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,17 +306,28 @@ class SamplerSettings(NamedTuple):
     settings a sampler does not take hold their defaults."""
 
     sampler: str
-    steps: int  # the scan's length (ddpm: T)
+    steps: int  # the scan's length (ddpm: T; EDM's: the noise levels before 0)
     eta: float
     spacing: str
     prediction: str
+    sigma_min: float = 0.002  # EDM's: the noise levels of eq. 5, from sigma_max down to sigma_min, then 0
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    s_churn: float = 0.0  # EDM's churn (Algorithm 2): gamma = min(s_churn / steps, sqrt 2 - 1) where
+    s_tmin: float = 0.0  # s_tmin <= sigma <= s_tmax, and fresh noise of std s_noise scaled to raise sigma to
+    s_tmax: float = float("inf")  # (1 + gamma) sigma
+    s_noise: float = 1.0
+    edm: EDM = EDM()  # the model's EDM constants (its family's samplers read sigma_data and c_noise_scale)
+
+
+EDM_SETTINGS = ("sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise")  # their flags: --s-churn
 
 
 class StepContext(NamedTuple):
     """What a sampler's step sees besides its carry and its inputs."""
 
-    denoise: Callable  # (x, t, alpha, sigma) -> (x0, eps): the network at t, through `predict`
-    noise_at: Callable  # (x, t) -> the fresh noise of step t (the same in any chunking of the steps)
+    denoise: Callable  # DDPM family: (x, t, alpha, sigma) -> (x0, eps), through `predict`; EDM: (x, sigma) -> D
+    noise_at: Callable  # (x, t) -> the fresh noise of step t (EDM: of step index t), the same in any chunking
     schedule: Schedule
     settings: SamplerSettings
     clip_denoised: bool  # clip the estimate of x_0 to [-1, 1] (DDIM, DPM-Solver++)
@@ -254,11 +337,12 @@ class Sampler(NamedTuple):
     """One entry of SAMPLERS: the scan `carry = step(context, carry, inputs[i])` from `carry(x_T)`."""
 
     help: str
-    takes: tuple[str, ...]  # the settings it reads, of "steps", "eta", "spacing" (every sampler takes a prediction)
+    family: str  # the models it samples: "ddpm" (eps, x0, v) or "edm"
+    takes: tuple[str, ...]  # the settings it reads, of "steps", "eta", "spacing" and EDM_SETTINGS
     default_steps: int | None  # steps when none are given (None: T; ignored when it does not take steps)
     network_calls: Callable[[int], int]  # network calls of a run of n steps
     inputs: Callable[[Schedule, SamplerSettings], tuple]  # the scan's per-step inputs (arrays over the steps)
-    carry: Callable  # x_T -> the scan's first carry, x first
+    carry: Callable  # (x_T, settings), x_T ~ N(0, 1) -> the scan's first carry, x first
     step: Callable  # (StepContext, carry, inputs of one step) -> carry
 
 
@@ -302,26 +386,77 @@ def _dpm_solver(stochastic: bool):
     return step
 
 
-def _with_history(x_T):
+def _edm_inputs(schedule: Schedule, settings: SamplerSettings):
+    """Per step i of Algorithm 2: i, sigma_hat_i = (1 + gamma_i) sigma_i, sigma_{i+1} (0 after the last), and the
+    std of the churn's noise, sqrt(sigma_hat_i^2 - sigma_i^2) s_noise (in float64, then float32)."""
+    sigmas = karras_sigmas(settings.steps, settings.sigma_min, settings.sigma_max, settings.rho)
+    churn = (settings.s_tmin <= sigmas[:-1]) & (sigmas[:-1] <= settings.s_tmax)
+    gamma = np.where(churn, min(settings.s_churn / settings.steps, np.sqrt(2) - 1), 0.0)
+    noise_std = sigmas[:-1] * np.sqrt(gamma * (2 + gamma)) * settings.s_noise
+    return (jnp.arange(settings.steps, dtype=jnp.int32),
+            *(jnp.asarray(a, jnp.float32) for a in (sigmas[:-1] * (1 + gamma), sigmas[1:], noise_std)))
+
+
+def _edm(second_order: bool):
+    """Algorithm 2 of the paper, one noise level per step: churn (fresh noise raising sigma to sigma_hat), an
+    Euler step to the next sigma, and with second_order Heun's correction, except on the last step (to 0)."""
+    def step(context: StepContext, carry, inputs):
+        (x,), (i, sigma_hat, sigma_next, noise_std) = carry, inputs
+        x_hat = x + noise_std * context.noise_at(x, i)
+        d = (x_hat - context.denoise(x_hat, sigma_hat)) / sigma_hat
+        x_next = x_hat + (sigma_next - sigma_hat) * d
+        if not second_order:
+            return (x_next,)
+
+        def heun(x_next):
+            d_next = (x_next - context.denoise(x_next, sigma_next)) / sigma_next
+            return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+
+        return (jax.lax.cond(sigma_next > 0, heun, lambda x_next: x_next, x_next),)
+
+    return step
+
+
+def _with_history(x_T, settings):
     """x, and the previous step's estimate of x_0 (none yet)."""
     return x_T, jnp.zeros_like(x_T)
+
+
+def _x_T(x_T, settings):
+    return (x_T,)
+
+
+def _edm_x_T(x_T, settings):
+    """x_0 of Algorithm 2: N(0, sigma_max^2)."""
+    return (x_T * settings.sigma_max,)
 
 
 def _one_call_per_step(steps: int) -> int:
     return steps
 
 
+def _heun_calls(steps: int) -> int:
+    return 2 * steps - 1  # the last step, to sigma = 0, is Euler's
+
+
+_EDM_TAKES = ("steps", *EDM_SETTINGS)
 SAMPLERS = {
-    "ddpm": Sampler("all T steps of DDPM's ancestral sampling (the article's)", (), None, _one_call_per_step,
-                    _ddpm_inputs, lambda x_T: (x_T,), _ddpm),
-    "ddim": Sampler("DDIM, --eta 0 deterministic to 1 with fresh noise at every step", ("steps", "eta"), None,
-                    _one_call_per_step, _ddim_inputs, lambda x_T: (x_T,), _ddim),
-    "dpmsolver++": Sampler("multistep second-order DPM-Solver++, deterministic", ("steps", "spacing"), 20,
+    "ddpm": Sampler("all T steps of DDPM's ancestral sampling (the article's)", "ddpm", (), None,
+                    _one_call_per_step, _ddpm_inputs, _x_T, _ddpm),
+    "ddim": Sampler("DDIM, --eta 0 deterministic to 1 with fresh noise at every step", "ddpm", ("steps", "eta"),
+                    None, _one_call_per_step, _ddim_inputs, _x_T, _ddim),
+    "dpmsolver++": Sampler("multistep second-order DPM-Solver++, deterministic", "ddpm", ("steps", "spacing"), 20,
                            _one_call_per_step, _dpm_solver_inputs, _with_history, _dpm_solver(stochastic=False)),
-    "sde-dpmsolver++": Sampler("SDE-DPM-Solver++, second order, fresh noise at every step", ("steps", "spacing"),
-                               20, _one_call_per_step, _dpm_solver_inputs, _with_history,
+    "sde-dpmsolver++": Sampler("SDE-DPM-Solver++, second order, fresh noise at every step", "ddpm",
+                               ("steps", "spacing"), 20, _one_call_per_step, _dpm_solver_inputs, _with_history,
                                _dpm_solver(stochastic=True)),
+    "euler": Sampler("EDM models: Euler over Karras noise levels, with --s-churn fresh noise per step", "edm",
+                     _EDM_TAKES, 18, _one_call_per_step, _edm_inputs, _edm_x_T, _edm(second_order=False)),
+    "heun": Sampler("EDM models: Heun over Karras noise levels (the paper's Algorithm 2), 2 steps - 1 network "
+                    "calls, with --s-churn fresh noise per step", "edm", _EDM_TAKES, 18, _heun_calls, _edm_inputs,
+                    _edm_x_T, _edm(second_order=True)),
 }
+DEFAULT_SAMPLERS = {"ddpm": "sde-dpmsolver++", "edm": "heun"}  # per family, where none is given
 
 
 def sampler_entry(name: str) -> Sampler:
@@ -333,27 +468,50 @@ def sampler_entry(name: str) -> Sampler:
 def check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
         raise ValueError(f"--prediction {prediction}: expected one of {list(PREDICTIONS)} (diffusers' "
-                         f"{', '.join(DIFFUSERS_PREDICTION_TYPES.values())})")
+                         f"{', '.join(DIFFUSERS_PREDICTION_TYPES.values())}, and EDM's denoiser)")
 
 
-def sampler_settings(sampler: str, *, timesteps: int, steps: int | None = None, eta: float = 0.0,
-                     spacing: str = "linspace", prediction: str = "eps", steps_flag: str = "--steps") -> SamplerSettings:
+def sampler_settings(sampler: str | None, *, timesteps: int, steps: int | None = None, eta: float = 0.0,
+                     spacing: str = "linspace", prediction: str = "eps", steps_flag: str = "--steps",
+                     edm: EDM = EDM(), **edm_settings) -> SamplerSettings:
     """The one check of sampler settings, before anything compiles: a ValueError names the flag (the steps' is
-    `steps_flag`) and says what is allowed. steps None: the sampler's default."""
+    `steps_flag`) and says what is allowed. sampler None: the prediction's family's default (DEFAULT_SAMPLERS);
+    steps None: the sampler's default. edm_settings: those of EDM_SETTINGS given (None: the default); edm: the
+    model's EDM constants."""
     def need(ok, flag, value, expected):
         if not ok:
             raise ValueError(f"{flag} {value}: expected {expected}")
 
-    entry = sampler_entry(sampler)
     check_prediction(prediction)
+    model_family = family(prediction)
+    entry = sampler_entry(sampler or DEFAULT_SAMPLERS[model_family])
+    if entry.family != model_family:
+        names = [name for name, other in SAMPLERS.items() if other.family == model_family]
+        raise ValueError(f"--sampler {sampler}: samples {entry.family.upper()} models, and this model was trained as "
+                         f"{prediction} (the {model_family.upper()} family); expected one of {names}")
+    unknown = sorted(set(edm_settings) - set(EDM_SETTINGS))
+    if unknown:
+        raise TypeError(f"sampler_settings: unknown settings {unknown}")
+    values = {name: float(SamplerSettings._field_defaults[name] if edm_settings.get(name) is None
+                          else edm_settings[name]) for name in EDM_SETTINGS}
+    for name in ("s_churn", "s_noise", "s_tmin"):
+        need(values[name] >= 0, f"--{name.replace('_', '-')}", values[name], "a non-negative number")
+    need(values["sigma_min"] > 0, "--sigma-min", values["sigma_min"], "a positive number")
+    need(values["sigma_min"] < values["sigma_max"], "--sigma-min", values["sigma_min"],
+         f"less than --sigma-max ({values['sigma_max']:g})")
+    need(values["rho"] > 0, "--rho", values["rho"], "a positive number")
+    need(values["s_tmin"] <= values["s_tmax"], "--s-tmin", values["s_tmin"], f"at most --s-tmax ({values['s_tmax']:g})")
     need(spacing in SPACINGS, "--spacing", spacing, f"one of {list(SPACINGS)}")
     need(0 <= eta <= 1, "--eta", eta, "a number in [0, 1]")
     need(steps is None or steps > 0, steps_flag, steps, "a positive integer")
-    if steps is not None and "steps" in entry.takes:  # ddpm runs all T steps whatever it is given
+    if steps is not None and "steps" in entry.takes and entry.family == "ddpm":  # ddpm runs all T steps
         need(steps <= timesteps, steps_flag, steps, f"at most the {timesteps} diffusion steps (--timesteps)")
     n = (steps or entry.default_steps or timesteps) if "steps" in entry.takes else timesteps
-    settings = SamplerSettings(sampler, n, float(eta) if "eta" in entry.takes else 0.0,
-                               spacing if "spacing" in entry.takes else "linspace", prediction)
+    settings = SamplerSettings(
+        sampler or DEFAULT_SAMPLERS[model_family], n, float(eta) if "eta" in entry.takes else 0.0,
+        spacing if "spacing" in entry.takes else "linspace", prediction,
+        **{name: value for name, value in values.items() if name in entry.takes},
+        edm=EDM(*map(float, edm)) if model_family == "edm" else EDM())
     if "spacing" in entry.takes:  # leading with steps >= T: T // (steps + 1) = 0, and h = 0 divides
         times = dpm_solver_timesteps(timesteps, n, spacing)
         need(len(np.unique(times)) == n, steps_flag, f"{n} with --spacing {spacing}",
@@ -366,15 +524,21 @@ def _scan(model, schedule: Schedule, step_key, settings: SamplerSettings, clip_d
     so any split of the steps into chunks draws the same noise."""
     entry = sampler_entry(settings.sampler)
 
-    def denoise(x, t, alpha, sigma):
-        output = model(x, jnp.full(x.shape[:1], t, dtype=jnp.int32)).astype(x.dtype)
-        return predict(settings.prediction, output, x, alpha, sigma)
+    if entry.family == "edm":
+        def denoise(x, sigma):
+            return edm_denoise(model, x, jnp.full(x.shape[:1], sigma, x.dtype), settings.edm)
+    else:
+        def denoise(x, t, alpha, sigma):
+            output = model(x, jnp.full(x.shape[:1], t, dtype=jnp.int32)).astype(x.dtype)
+            return predict(settings.prediction, output, x, alpha, sigma)
 
     def noise_at(x, t):
         return jax.random.normal(jax.random.fold_in(step_key, t), x.shape, x.dtype)
 
     context = StepContext(denoise, noise_at, schedule, settings, clip_denoised)
-    return partial(entry.step, context), entry.inputs(schedule, settings)
+    # The barrier keeps the compiler from folding inputs known at compile time into a short scan that it unrolls,
+    # in float arithmetic of its own: the whole program and its chunks compute the same values.
+    return partial(entry.step, context), jax.lax.optimization_barrier(entry.inputs(schedule, settings))
 
 
 def _start(key, shape, settings: SamplerSettings, batch_sharding):
@@ -383,7 +547,7 @@ def _start(key, shape, settings: SamplerSettings, batch_sharding):
     x_T = jax.random.normal(init_key, shape, jnp.float32)
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    return sampler_entry(settings.sampler).carry(x_T), step_key
+    return sampler_entry(settings.sampler).carry(x_T, settings), step_key
 
 
 def sample_loop(model, schedule: Schedule, key, shape, settings: SamplerSettings, *, clip_denoised: bool = True,

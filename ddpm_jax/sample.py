@@ -1,8 +1,9 @@
 """Images from any checkpoint `checkpoints.load_model` reads: a workdir, a model directory, a torch file.
 
 Settings not given come from the run the checkpoint belongs to (its config.json), else from TrainConfig's
-defaults. The prediction target comes from the checkpoint (config.json, model.json); a torch file records none,
-so it is `prediction`, else eps (the article's). The `ddpm-sample` command (cli.py) writes the result as a grid and
+defaults. The prediction target and an EDM model's constants come from the checkpoint (config.json, model.json);
+a torch file records neither, so the target is `prediction`, else eps (the article's), and an edm one has the
+default constants. The `ddpm-sample` command (cli.py) writes the result as a grid and
 single PNGs.
 """
 
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 
 from ddpm_jax import diffusion, runtime
-from ddpm_jax.checkpoints import load_model, recorded_prediction
+from ddpm_jax.checkpoints import load_model, recorded_config
 from ddpm_jax.config import TrainConfig, check_image_size, check_schedule
 from ddpm_jax.workdirs import run_config
 
@@ -23,12 +24,14 @@ DEFAULTS = TrainConfig()  # the settings used where a checkpoint has no run conf
 def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps: int | None = None,
                       eta: float | None = None, seed: int = 0, image_size: int | None = None,
                       schedule: str | None = None, timesteps: int | None = None, ema: bool = True,
-                      spacing: str = "linspace", prediction: str | None = None, progress: bool = False) -> np.ndarray:
+                      spacing: str = "linspace", prediction: str | None = None, progress: bool = False,
+                      **edm_settings) -> np.ndarray:
     """`num` images as float32 (num, S, S, C) in [0, 1] (unclipped), split over the devices where they divide
     evenly (called before JAX has started, on a CPU, it first gives JAX one device per core:
     `runtime.use_cpu_cores_as_devices`). A bad value is a ValueError naming its flag, raised before the model
     is loaded; so is a `prediction` other than the one the checkpoint records. progress: a progress bar on stderr
-    (`diffusion.sample`)."""
+    (`diffusion.sample`). edm_settings: EDM's sampler settings (diffusion.EDM_SETTINGS; None: the run's s_churn,
+    else the defaults)."""
     for flag, value in (("num", num), ("steps", steps), ("image-size", image_size), ("timesteps", timesteps)):
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} {value}: expected a positive integer")
@@ -36,21 +39,25 @@ def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps
     checkpoint = Path(checkpoint)
     is_file = not checkpoint.is_dir()
     run = None if is_file else run_config(checkpoint)
-    recorded = recorded_prediction(checkpoint)
+    recorded = recorded_config(checkpoint)
     if prediction is not None:
         diffusion.check_prediction(prediction)
-        if recorded not in (None, prediction):
-            raise ValueError(f"--prediction {prediction}: {checkpoint} records a model trained to predict {recorded}; "
-                             f"leave --prediction out")
+        if recorded is not None and recorded.prediction != prediction:
+            raise ValueError(f"--prediction {prediction}: {checkpoint} records a model trained to predict "
+                             f"{recorded.prediction}; leave --prediction out")
     run = run or DEFAULTS
     image_size, timesteps = image_size or run.image_size, timesteps or run.timesteps
-    settings = diffusion.sampler_settings(sampler or run.sampler, timesteps=timesteps, steps=steps or run.sampling_steps,
-                                          eta=run.eta if eta is None else eta, spacing=spacing,
-                                          prediction=recorded or prediction or "eps")
+    if edm_settings.get("s_churn") is None:
+        edm_settings["s_churn"] = run.s_churn
+    settings = diffusion.sampler_settings(
+        sampler or run.sampler, timesteps=timesteps, steps=steps or run.sampling_steps,
+        eta=run.eta if eta is None else eta, spacing=spacing,
+        prediction=recorded.prediction if recorded else prediction or "eps",
+        edm=recorded.edm_constants if recorded else diffusion.EDM(), **edm_settings)
     noise_schedule = check_schedule(schedule or run.schedule, timesteps)
     if is_file and prediction is None:
-        print(f"{checkpoint} records no prediction target: sampling it as eps, the article's (--prediction x0|v for "
-              f"a model trained otherwise)", file=sys.stderr)
+        print(f"{checkpoint} records no prediction target: sampling it as eps, the article's (--prediction x0|v|edm "
+              f"for a model trained otherwise)", file=sys.stderr)
     model, _ = load_model(checkpoint, ema=ema)
     check_image_size(image_size, len(model.downs))
     batch_sharding = runtime.replicate_for_sampling(model, num)

@@ -159,8 +159,9 @@ UNETS = {"OneResUNet": OneResUNet, "TwoResUNet": TwoResUNet, "AttentionUNet": At
 
 def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None) -> nnx.Module:
     """A U-Net for `config`: initialised from `rngs`, or abstract (shapes only) when rngs is None."""
-    # Every field but the variant, which picks the class, and the prediction, which says how its output is read.
-    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("variant", "prediction")}
+    # Every field but the variant, which picks the class, and the prediction and EDM constants, which say how its
+    # input and output are read.
+    kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("variant", "prediction", "edm")}
 
     def make(r):
         return UNETS[config.variant](**kwargs, rngs=r, dtype=dtype)

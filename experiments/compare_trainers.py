@@ -185,6 +185,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     runtime.enable_compilation_cache()
     config = dataclasses.replace(PRESETS["default"], prediction="eps")  # the PyTorch loop learns the article's eps
+    config = dataclasses.replace(config, sampler=config.sampler_settings().sampler)  # the family's default, named
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),
                                      sample_every=args.steps)

@@ -30,6 +30,16 @@ def torch_and_flax(variant: str, seed: int = 0, **kwargs):
     return torch_model, flax_model
 
 
+def replayed(key, indices, shape) -> tuple[np.ndarray, np.ndarray]:
+    """x_T ~ N(0, 1) and the noise of each of `indices` as diffusion.sample_loop draws them from `key`: x_T from
+    the first half of split(key), the noise of step t (a time, or EDM's step index) from fold_in(second half, t),
+    all in one program."""
+    init_key, step_key = jax.random.split(key)
+    draw = jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(step_key, t), shape, jax.numpy.float32))
+    x_T = np.asarray(jax.random.normal(init_key, shape, jax.numpy.float32))
+    return x_T, np.asarray(jax.jit(draw)(jax.numpy.asarray(indices, jax.numpy.int32)))
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """TwoResUNet dim 8, two levels: small enough for chained steps on two CPU cores."""

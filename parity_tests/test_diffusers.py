@@ -25,7 +25,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from ddpm_jax import diffusion, schedules
-from parity_tests.conftest import check, nchw, nhwc
+from parity_tests.conftest import check, nchw, nhwc, replayed
 
 DATA_STD = 0.5
 SHAPE = (2, 8, 8, 3)  # BHWC
@@ -38,15 +38,6 @@ def _sample(schedule, coefficient_T, key, *, settings, clip):
         return coefficient_T[t_B][:, None, None, None] * x
 
     return diffusion.sample_loop(network, schedule, key, SHAPE, settings, clip_denoised=clip)
-
-
-def _replayed(key, times) -> tuple[np.ndarray, np.ndarray]:
-    """x_T and the noise of each of `times` as the JAX sampler draws them from `key`: x_T from the first half of
-    split(key), the noise at t from fold_in(second half, t), all the steps in one program."""
-    init_key, step_key = jax.random.split(key)
-    draw = jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(step_key, t), SHAPE, jnp.float32))
-    x_T = np.asarray(jax.random.normal(init_key, SHAPE, jnp.float32))
-    return x_T, np.asarray(jax.jit(draw)(jnp.asarray(times, jnp.int32)))
 
 
 def _coefficient(abar_T: np.ndarray, prediction: str = "eps") -> np.ndarray:
@@ -105,7 +96,7 @@ def test_dpm_solver_matches_diffusers(schedule_name, algorithm, steps, spacing, 
     reference.set_timesteps(steps)
     times = diffusion.dpm_solver_timesteps(1000, steps, spacing)
     np.testing.assert_array_equal(reference.timesteps.numpy(), times)
-    x_T, noises = _replayed(key, times)
+    x_T, noises = replayed(key, times, SHAPE)
     x = torch.from_numpy(nchw(x_T).copy())
     for t, noise in zip(times.tolist(), noises):
         output = float(np.float32(coefficient[t])) * x
@@ -146,7 +137,7 @@ def _float64_ddpm_ddim(abar_T, times, x_T, noises, eta, clip):
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 @pytest.mark.parametrize("sampler,eta,steps", [("ddpm", None, 100), ("ddim", 0.0, 50), ("ddim", 1.0, 50)])
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", diffusion.DDPM_PREDICTIONS)
 def test_ddpm_and_ddim_match_diffusers(schedule_name, sampler, eta, steps, prediction, monkeypatch):
     """DDPMScheduler (fixed_small, no clipping, as the article's p_sample) and DDIMScheduler ("trailing" times,
     which are ours; x_0 clipped and eps recomputed from it, as ours). DDPM runs every step of a T = 100 schedule
@@ -173,7 +164,7 @@ def test_ddpm_and_ddim_match_diffusers(schedule_name, sampler, eta, steps, predi
     times = reference.timesteps.numpy()
     expected_times = np.arange(T - 1, -1, -1) if sampler == "ddpm" else np.asarray(diffusion.ddim_timesteps(T, steps))
     np.testing.assert_array_equal(times, expected_times[:steps])
-    x_T, noises = _replayed(key, times)
+    x_T, noises = replayed(key, times, SHAPE)
     x = torch.from_numpy(nchw(x_T).copy())
     for t, noise in zip(times.tolist(), noises):
         output = float(np.float32(coefficient[t])) * x

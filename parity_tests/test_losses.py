@@ -68,7 +68,7 @@ def _float64_abar(schedule_name: str, timesteps: int = 1000) -> np.ndarray:
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", diffusion.DDPM_PREDICTIONS)
 def test_min_snr_weights_match_the_formula_in_float64(schedule_name, prediction):
     """Hang et al. 2023 at gamma 5 for every t: min(SNR, 5) / SNR (eps), min(SNR, 5) (x0), min(SNR, 5) / (SNR + 1)
     (v), with SNR = abar / (1 - abar) from the betas in float64."""

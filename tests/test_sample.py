@@ -58,6 +58,18 @@ def test_progress_runs_the_sampler_in_chunks_with_bit_identical_images(torch_che
     chunked = diffusion.sample(model, schedule, key, 2, 16, settings, progress=True)
     assert np.array_equal(np.asarray(whole), np.asarray(chunked))
     assert "sde-dpmsolver++, 40 steps: 100%" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [5, 40])
+def test_heun_with_churn_gives_the_same_images_whole_and_chunked(torch_checkpoint, steps):
+    """EDM's Heun (two network calls per step, one on the last) with churn: 5 steps in chunks of 1 (a scan the
+    compiler could unroll whole), 40 in chunks of 2."""
+    model, _ = load_model(torch_checkpoint)
+    schedule, key = make_schedule("linear", 100), jax.random.key(4)
+    settings = diffusion.sampler_settings("heun", timesteps=100, steps=steps, prediction="edm", s_churn=10.0)
+    whole = diffusion.sample(model, schedule, key, 2, 16, settings)
+    chunked = diffusion.sample(model, schedule, key, 2, 16, settings, progress=True)
+    assert np.array_equal(np.asarray(whole), np.asarray(chunked)) and np.isfinite(np.asarray(whole)).all()
     assert [diffusion.chunk_length(n) for n in (1000, 40, 7, 20, 3)] == [50, 2, 1, 1, 1]
 
 
@@ -134,9 +146,21 @@ def test_sampler_settings_default_to_the_runs(tmp_path, torch_checkpoint):
     (["--image-size", "15"], "--image-size 15: expected a multiple of 2"),  # the model has 2 levels
     (["--timesteps", "10", "--steps", "2"], "--schedule linear with --timesteps 10"),
     (["--out-dir", __file__], f"--out-dir {__file__}: expected a folder"),
-    (["--sampler", "euler"], "--sampler euler: expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++']"),
+    (["--sampler", "heun"], "--sampler heun: samples EDM models, and this model was trained as eps (the DDPM "
+                            "family); expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++']"),
+    (["--prediction", "edm"], "--sampler ddim: samples DDPM models, and this model was trained as edm (the EDM "
+                              "family); expected one of ['euler', 'heun']"),
+    (["--sampler", "euler-a"], "--sampler euler-a: expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++', "
+                               "'euler', 'heun']"),
     (["--spacing", "log"], "--spacing log: expected one of ['linspace', 'leading', 'trailing']"),
-    (["--prediction", "noise"], "--prediction noise: expected one of ['eps', 'x0', 'v']"),
+    (["--prediction", "noise"], "--prediction noise: expected one of ['eps', 'x0', 'v', 'edm']"),
+    (["--prediction", "edm", "--sampler", "heun", "--s-churn", "-1"], "--s-churn -1.0: expected a non-negative number"),
+    (["--prediction", "edm", "--sampler", "euler", "--s-noise", "-0.5"],
+     "--s-noise -0.5: expected a non-negative number"),
+    (["--prediction", "edm", "--sampler", "heun", "--sigma-min", "80"],
+     "--sigma-min 80.0: expected less than --sigma-max (80)"),
+    (["--prediction", "edm", "--sampler", "heun", "--sigma-max", "0.001"],
+     "--sigma-min 0.002: expected less than --sigma-max (0.001)"),
 ])
 def test_bad_sampler_settings_exit_2(tmp_path, torch_checkpoint, capsys, flags, message):
     assert main(["--checkpoint", str(torch_checkpoint), *COMMON, *flags, "--out", str(tmp_path / "x.png")]) == 2
@@ -179,3 +203,27 @@ def test_the_prediction_target_travels_with_the_model(tmp_path, torch_checkpoint
     assert convert(["to-torch", str(model_dir), str(tmp_path / "unet.safetensors"), "--no-verify"]) == 0
     assert ("prediction=v; the file records no target: sample it with ddpm-sample --prediction v; the reference "
             "DiffusionModel samples eps models only)") in capsys.readouterr().out
+
+
+def test_an_edm_model_records_its_constants_and_its_torch_file_says_the_reference_cannot_sample_it(
+        tmp_path, torch_checkpoint, capsys):
+    import json
+
+    from ddpm_jax.cli import convert_main as convert
+
+    model_dir = tmp_path / "flax_edm"
+    assert convert(["to-flax", str(torch_checkpoint), str(model_dir), "--prediction", "edm", "--no-verify"]) == 0
+    assert json.loads((model_dir / "model.json").read_text())["edm"] == {
+        "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2, "c_noise_scale": 1.0}
+    capsys.readouterr()
+    args = ["--num", "4", "--steps", "3", "--image-size", "16"]
+    assert main(["--checkpoint", str(model_dir), *args, "--out", str(tmp_path / "dir.png")]) == 0  # heun: the default
+    assert main(["--checkpoint", str(torch_checkpoint), *args, "--prediction", "edm", "--sampler", "heun",
+                 "--out", str(tmp_path / "pt.png")]) == 0
+    from_dir, from_pt = (np.asarray(Image.open(tmp_path / n)) for n in ("dir.png", "pt.png"))
+    assert np.array_equal(from_dir, from_pt) and from_dir.std() > 0
+    capsys.readouterr()
+    assert convert(["to-torch", str(model_dir), str(tmp_path / "unet.pt"), "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1 and ("prediction=edm; an EDM model (sigma_data=0.5, p_mean=-1.2, p_std=1.2, "
+                                           "c_noise_scale=1): the reference DiffusionModel does not sample it") in out

@@ -134,6 +134,32 @@ def test_a_run_records_its_objective_and_its_grids_and_ddpm_sample_use_it(tmp_pa
         assert np.array_equal(images, expected) == same
 
 
+def test_an_edm_run_records_its_constants_samples_with_heun_and_refuses_a_resume_that_changes_them(tmp_path,
+                                                                                                   monkeypatch):
+    from ddpm_jax import diffusion
+    from ddpm_jax.sample import sample_checkpoint
+
+    drawn = []
+    monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
+                        drawn.append(a[5]) or sample(*a, **k))
+    config = dataclasses.replace(TINY, prediction="edm", c_noise_scale=250.0, steps=4, save_every=4)
+    training.train(config, tmp_path, progress=False)
+    assert [(s.sampler, s.prediction, s.edm.c_noise_scale) for s in drawn] == [("heun", "edm", 250.0)]
+    monkeypatch.undo()
+    model, model_config = load_model(tmp_path)
+    assert model_config.edm == {"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2, "c_noise_scale": 250.0}
+    images = sample_checkpoint(tmp_path, 4, seed=5)  # the run's sampler (heun) and steps (2)
+    settings = diffusion.sampler_settings("heun", timesteps=100, steps=2, prediction="edm",
+                                          edm=diffusion.EDM(c_noise_scale=250.0))
+    expected = np.asarray(diffusion.sample(model, validate(config, 1), jax.random.key(5), 4, 16, settings))
+    assert np.array_equal(images, expected) and np.isfinite(images).all()
+    for change, message in [({"c_noise_scale": 1.0}, "--c-noise-scale 250.0 -> 1.0"),
+                            ({"sigma_data": 0.3}, "--sigma-data 0.5 -> 0.3"), ({"p_mean": -1.0}, "--p-mean -1.2 -> -1.0"),
+                            ({"p_std": 1.0}, "--p-std 1.2 -> 1.0"), ({"prediction": "v"}, "--prediction edm -> v")]:
+        with pytest.raises(TrainingError, match=f"different model or objective .*{message}"):
+            training.train(dataclasses.replace(config, steps=8, **change), tmp_path, progress=False)
+
+
 def test_ema_follows_ema_pytorch_schedule():
     """Copy on update steps up to ema_start and on the first one after it (ema_pytorch's `update` copies while its
     `initted` flag is unset, which its copy branch never sets), then min(beta, 1 - (1 + e)^(-2/3)) with
@@ -298,10 +324,21 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
         (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
         (["--adam-b2", "1.5"], "--adam-b2 1.5: expected a number in [0, 1)"),
         (["--num-processes", "2", "--process-id", "1"], "--num-processes and --process-id need --coordinator"),
-        (["--sampler", "euler"], "--sampler euler: expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++']"),
+        (["--sampler", "euler"], "--sampler euler: samples EDM models, and this model was trained as v (the DDPM "
+                                 "family); expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++']"),
+        (["--prediction", "edm", "--sampler", "ddim"], "--sampler ddim: samples DDPM models, and this model was "
+                                                       "trained as edm (the EDM family); expected one of ['euler', 'heun']"),
+        (["--sampler", "dpm"], "--sampler dpm: expected one of ['ddpm', 'ddim', 'dpmsolver++', 'sde-dpmsolver++', "
+                               "'euler', 'heun']"),
+        (["--prediction", "edm", "--loss-weight", "min-snr"], "--loss-weight min-snr: expected none with --prediction "
+                                                              "edm, whose loss is the paper's"),
+        (["--prediction", "edm", "--offset-noise", "0.1"], "--offset-noise 0.1: expected 0.0 with --prediction edm"),
+        (["--prediction", "edm", "--s-churn", "-1"], "--s-churn -1.0: expected a non-negative number"),
+        (["--prediction", "edm", "--sigma-data", "0"], "--sigma-data 0.0: expected a positive number"),
+        (["--prediction", "edm", "--c-noise-scale", "-1"], "--c-noise-scale -1.0: expected a positive number"),
         (["--sampling-steps", "0"], "--sampling-steps 0: expected a positive integer"),
-        (["--prediction", "noise"], "--prediction noise: expected one of ['eps', 'x0', 'v'] (diffusers' epsilon, "
-                                    "sample, v_prediction)"),
+        (["--prediction", "noise"], "--prediction noise: expected one of ['eps', 'x0', 'v', 'edm'] (diffusers' "
+                                    "epsilon, sample, v_prediction, and EDM's denoiser)"),
         (["--loss-weight", "snr"], "argument --loss-weight: invalid choice: 'snr'"),
         (["--snr-gamma", "0"], "--snr-gamma 0.0: expected a positive number"),
         (["--snr-gamma", "-5"], "--snr-gamma -5.0: expected a positive number"),
@@ -330,12 +367,15 @@ def test_cli_help_explains_every_flag():
                  "--timesteps", "--loss", "--batch-size", "--steps", "--lr", "--ema-decay", "--save-every",
                  "--sample-every", "--num-samples", "--sampler", "--sampling-steps", "--precision", "--seed",
                  "--preset", "--coordinator", "--num-processes", "--process-id", "--eta", "--warmup-steps",
-                 "--lr-decay", "--prediction", "--loss-weight", "--snr-gamma", "--offset-noise"):
+                 "--lr-decay", "--prediction", "--loss-weight", "--snr-gamma", "--offset-noise", "--sigma-data",
+                 "--p-mean", "--p-std", "--c-noise-scale", "--s-churn"):
         assert flag in result.stdout
     # Where the presets differ, the help gives both defaults: the default preset learns v, the article's eps.
     text = " ".join(result.stdout.split())
     assert "training resolution (square) (default preset: 32; article preset: 128)" in text
-    assert "sample | v_prediction) (default preset: v; article preset: eps)" in text
+    assert "sampled by heun or euler (default preset: v; article preset: eps)" in text
+    assert "(unset: sde-dpmsolver++ for DDPM models, heun for EDM models)" in text
+    assert "(default preset: unset; article preset: ddpm)" in text
 
 
 def _free_port():
