@@ -1,4 +1,4 @@
-"""Which training objective? The default preset trained with each target and loss weighting, scored by SWD.
+"""Which training objective? The default preset trained with each target, loss weighting and EDM, scored by SWD.
 
     python experiments/compare_objectives.py --arm v --seed 0         # train (or resume) one arm, then score it
     python experiments/compare_objectives.py --table                  # the table of every record so far
@@ -6,9 +6,10 @@
 
 An arm is the default preset (`ddpm-train` with no flags but --workdir and --seed) plus the flags in ARMS. Each
 run trains in runs/objectives/<arm>_seed<S> (a killed run resumes), then draws --sets sets of --num samples from
-the EMA weights with the default sampler (SDE-DPM-Solver++, 20 steps) and with DPM-Solver++ ODE at 20 steps
-(sample seeds 7, 8, ...), and scores each against --num held-out tiles (embedded seed 1, never trained on) by SWD
-and colour W1, as docs/training.md's sweep does. The record, with the machine, the versions and the command,
+the EMA weights with each sampler of its family in SAMPLERS (sample seeds 7, 8, ...): a DDPM-family arm with the
+default sampler (SDE-DPM-Solver++, 20 steps) and DPM-Solver++ ODE at 20 steps, an EDM arm with Euler and Heun at
+several step counts, with and without the paper's churn. Each set is scored against --num held-out tiles
+(embedded seed 1, never trained on) by SWD and colour W1, as docs/training.md's sweep does. The record, with the machine, the versions and the command,
 goes to docs/training/objectives/<arm>_seed<S>.json. Two arms train side by side with one core each:
 
     JAX_NUM_CPU_DEVICES=1 taskset -c 0 python experiments/compare_objectives.py --arm eps --seed 0 &
@@ -38,7 +39,18 @@ ARMS = {
     "x0+min-snr": ["--prediction", "x0", "--loss-weight", "min-snr"],
 }
 ARMS.update({f"{name}+offset": flags + ["--offset-noise", "0.1"] for name, flags in list(ARMS.items())})
-SAMPLERS = {"sde-dpmsolver++ 20": ("sde-dpmsolver++", 20), "dpmsolver++ 20": ("dpmsolver++", 20)}
+ARMS.update({
+    "edm": ["--prediction", "edm"],  # the paper's c_noise = ln(sigma) / 4
+    "edm+c250": ["--prediction", "edm", "--c-noise-scale", "250"],  # c_noise spans ~660, as t's 0..999 do
+})
+PAPER_CHURN = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}  # its Table 5 (ImageNet-64)
+# Per family: name -> (sampler, steps, settings). The first two of each are the figure's rows: stochastic, then
+# deterministic, at about 20 network calls each.
+SAMPLERS = {
+    "ddpm": {"sde-dpmsolver++ 20": ("sde-dpmsolver++", 20, {}), "dpmsolver++ 20": ("dpmsolver++", 20, {})},
+    "edm": {"euler 20 churn": ("euler", 20, PAPER_CHURN), "heun 9": ("heun", 9, {}), "heun 5": ("heun", 5, {}),
+            "heun 18": ("heun", 18, {}), "heun 9 churn": ("heun", 9, PAPER_CHURN)},
+}
 HELD_OUT_SEED, FIRST_SAMPLE_SEED = 1, 7
 
 
@@ -82,13 +94,13 @@ def score(workdir: Path, num: int, sets: int) -> dict:
     from ddpm_jax.workdirs import read_config
 
     run = read_config(workdir)
-    model, _ = load_model(workdir)
+    model, model_config = load_model(workdir)
     held_out = load_images("embedded", run.image_size, num=num, embedded_seed=HELD_OUT_SEED)
     schedule = check_schedule(run.schedule, run.timesteps)
     scores = {}
-    for name, (sampler, steps) in SAMPLERS.items():
+    for name, (sampler, steps, options) in SAMPLERS[diffusion.family(run.prediction)].items():
         settings = diffusion.sampler_settings(sampler, timesteps=run.timesteps, steps=steps,
-                                              prediction=run.prediction)
+                                              prediction=run.prediction, edm=model_config.edm_constants, **options)
         entry = scores[name] = []
         for i in range(sets):
             t0 = time.perf_counter()
@@ -98,9 +110,20 @@ def score(workdir: Path, num: int, sets: int) -> dict:
             entry.append({"seed": FIRST_SAMPLE_SEED + i, "seconds": time.perf_counter() - t0,
                           "swd": swd(held_out, fake)["swd"], "colour_w1": colour_distance(held_out, fake)["colour_w1"]})
             if i == 0:
-                np.save(workdir / f"samples_{sampler}.npy", fake)
+                np.save(_samples_path(workdir, name), fake)
             print(f"{workdir.name} {name} set {i}: SWD {entry[-1]['swd']:.1f}", flush=True)
     return scores
+
+
+def _samples_path(workdir: Path, name: str) -> Path:
+    return workdir / f"samples_{name.replace(' ', '_')}.npy"
+
+
+def network_calls(name: str) -> int:
+    from ddpm_jax import diffusion
+
+    sampler, steps, _ = next(s[name] for s in SAMPLERS.values() if name in s)
+    return diffusion.SAMPLERS[sampler].network_calls(steps)
 
 
 def baseline(num: int) -> float:
@@ -133,63 +156,67 @@ def records(folder: Path) -> list[dict]:
 
 
 def table(folder: Path) -> str:
-    """Markdown: per arm, each seed's SWD (mean of its sample sets) with both samplers, their mean and range
-    (max - min over the seeds), and the SDE mean over the data-against-data SWD."""
+    """Markdown: per arm and sampler, each seed's SWD (mean of its sample sets), their mean and range (max - min
+    over the seeds), the mean over the data-against-data SWD, the colour W1 and the training wall time."""
     by_arm: dict[str, list[dict]] = {}
     for r in records(folder):
         if "scores" in r:
             by_arm.setdefault(r["arm"], []).append(r)
-    rows = ["| arm | flags | seeds | SWD, SDE-DPM-Solver++ 20: per seed (mean, range) | / data-against-data | "
-            "SWD, DPM-Solver++ 20 (ODE) | ODE / SDE | colour W1 (SDE) | training wall time |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| arm | flags | sampler | network calls | seeds | SWD per seed (mean, range) | / data-against-data | "
+            "colour W1 | training wall time |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, runs in sorted(by_arm.items(), key=lambda kv: list(ARMS).index(kv[0])):
         runs.sort(key=lambda r: r["seed"])
-
-        def per_seed(sampler, key="swd"):
-            return [statistics.mean(s[key] for s in r["scores"][sampler]) for r in runs]
-
-        sde, ode = per_seed("sde-dpmsolver++ 20"), per_seed("dpmsolver++ 20")
-        cells = [", ".join(f"{v:.1f}" for v in values) + (
-            f" ({statistics.mean(values):.1f}, {max(values) - min(values):.1f})" if len(values) > 1 else "")
-            for values in (sde, ode)]
-        walls = [r["training"]["seconds"] for r in runs]
         data = statistics.mean(r["scoring"]["data_against_data_swd"] for r in runs)
-        rows.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(none)'}` | {', '.join(str(r['seed']) for r in runs)} | "
-                    f"{cells[0]} | {statistics.mean(sde) / data:.2f}x | {cells[1]} | "
-                    f"{statistics.mean(ode) / statistics.mean(sde):.2f} | "
-                    f"{statistics.mean(per_seed('sde-dpmsolver++ 20', 'colour_w1')):.1f} | "
-                    f"{min(walls) / 60:.0f}-{max(walls) / 60:.0f} min |")
+        walls = [r["training"]["seconds"] for r in runs]
+        for name in runs[0]["scores"]:
+            def per_seed(key):
+                return [statistics.mean(s[key] for s in r["scores"][name]) for r in runs]
+
+            swds = per_seed("swd")
+            cell = ", ".join(f"{v:.1f}" for v in swds) + (
+                f" ({statistics.mean(swds):.1f}, {max(swds) - min(swds):.1f})" if len(swds) > 1 else "")
+            rows.append(f"| {arm} | `{' '.join(ARMS[arm]) or '(none)'}` | {name} | {network_calls(name)} | "
+                        f"{', '.join(str(r['seed']) for r in runs)} | {cell} | {statistics.mean(swds) / data:.2f}x | "
+                        f"{statistics.mean(per_seed('colour_w1')):.1f} | "
+                        f"{'-'.join(sorted({f'{w / 60:.0f}' for w in (min(walls), max(walls))}, key=float))} min |")
     return "\n".join(rows)
 
 
 def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
-    """A grid of `tiles` samples per arm (columns) and sampler (rows: SDE-DPM-Solver++, DPM-Solver++ ODE, both
-    at 20 steps from the same x_T), from each arm's lowest training seed whose workdir holds its samples."""
+    """A grid of `tiles` samples per arm (columns) and kind of sampler (rows: stochastic, then deterministic, at
+    about 20 network calls, from the same x_T; the first two of the arm's family in SAMPLERS), from each arm's
+    lowest training seed whose workdir holds its samples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ddpm_jax import diffusion
     from ddpm_jax.images import grid
 
     shown = {}
     for r in sorted(records(folder), key=lambda r: r["seed"]):
         workdir = workdirs / f"{r['arm']}_seed{r['seed']}"
-        if r["arm"] not in shown and all((workdir / f"samples_{s}.npy").is_file() for s, _ in SAMPLERS.values()):
-            shown[r["arm"]] = (r["seed"], workdir)
+        names = list(SAMPLERS[diffusion.family(_prediction(r["arm"]))])[:2]
+        if r["arm"] not in shown and all(_samples_path(workdir, n).is_file() for n in names):
+            shown[r["arm"]] = (r["seed"], workdir, names)
     arms = sorted(shown, key=list(ARMS).index)
-    fig, axes = plt.subplots(len(SAMPLERS), len(arms), figsize=(2.2 * len(arms), 2.4 * len(SAMPLERS)),
-                             squeeze=False)
-    for row, (name, (sampler, _)) in enumerate(SAMPLERS.items()):
+    fig, axes = plt.subplots(2, len(arms), figsize=(2.2 * len(arms), 2.4 * 2), squeeze=False)
+    for row in range(2):
         for ax, arm in zip(axes[row], arms):
-            seed, workdir = shown[arm]
-            samples = np.load(workdir / f"samples_{sampler}.npy")[:tiles].astype(np.float32) / 255.0
+            seed, workdir, names = shown[arm]
+            samples = np.load(_samples_path(workdir, names[row]))[:tiles].astype(np.float32) / 255.0
             ax.imshow(grid(samples, arm), interpolation="nearest")
-            ax.set_title(f"{arm} (seed {seed}), {name}", fontsize=8)
+            ax.set_title(f"{arm} (seed {seed}),\n{names[row]}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+
+
+def _prediction(arm: str) -> str:
+    flags = ARMS[arm]
+    return flags[flags.index("--prediction") + 1] if "--prediction" in flags else "v"  # the default preset's
 
 
 def main(argv=None) -> None:
