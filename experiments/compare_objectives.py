@@ -17,6 +17,7 @@ goes to docs/training/objectives/<arm>_seed<S>.json. Two arms train side by side
 """
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -190,6 +191,7 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     from ddpm_jax import diffusion
     from ddpm_jax.images import grid
@@ -201,7 +203,7 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
         if r["arm"] not in shown and all(_samples_path(workdir, n).is_file() for n in names):
             shown[r["arm"]] = (r["seed"], workdir, names)
     arms = sorted(shown, key=list(ARMS).index)
-    fig, axes = plt.subplots(2, len(arms), figsize=(2.2 * len(arms), 2.4 * 2), squeeze=False)
+    fig, axes = plt.subplots(2, len(arms), figsize=(2.2 * len(arms), 2.6 * 2), squeeze=False)
     for row in range(2):
         for ax, arm in zip(axes[row], arms):
             seed, workdir, names = shown[arm]
@@ -211,7 +213,10 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
             ax.axis("off")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)  # a few hundred KB, not a MB
 
 
 def _prediction(arm: str) -> str:
