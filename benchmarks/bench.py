@@ -263,7 +263,7 @@ def objective_fields(spec: str) -> tuple:
     prediction, *extras = spec.split("+")
     if prediction not in ("eps", "x0", "v") or any(e not in ("min-snr", "offset") for e in extras):
         raise ValueError(f"--jax-objective {spec}: expected eps, x0 or v, then optionally +min-snr and +offset")
-    return (("prediction", prediction),) + ((("loss_weight", "min-snr"),) if "min-snr" in extras else ()) + (
+    return (("prediction", prediction), ("loss_weight", "min-snr" if "min-snr" in extras else "none")) + (
         (("offset_noise", 0.1),) if "offset" in extras else ())
 
 

@@ -24,8 +24,8 @@ def program_hash(tree: Path, prediction: str | None) -> tuple[str, int]:
     from ddpm_jax.config import PRESETS, validate
 
     config = PRESETS["default"]
-    if prediction:
-        config = dataclasses.replace(config, prediction=prediction)
+    if prediction:  # unweighted, as every checkout before the loss weights
+        config = dataclasses.replace(config, prediction=prediction, loss_weight="none")
     schedule = validate(config, 1)
     tx = train_state.make_optimizer(config)
     mesh = runtime.data_mesh()
@@ -43,7 +43,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="the checkout whose ddpm_jax to import (default: this one)")
-    p.add_argument("--prediction", help="eps | x0 | v instead of the preset's (a checkout with --prediction)")
+    p.add_argument("--prediction", help="eps | x0 | v, unweighted, instead of the preset's objective (a checkout with "
+                   "--prediction)")
     args = p.parse_args()
     digest, size = program_hash(args.tree.resolve(), args.prediction)
     print(f"{digest}  ({size} characters of StableHLO)")

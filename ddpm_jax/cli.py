@@ -114,6 +114,8 @@ def train_config(args: argparse.Namespace):
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
+    if overrides.get("prediction") == "edm":  # EDM's loss is its own: a preset's DDPM weighting does not apply
+        overrides.setdefault("loss_weight", "none")
     return dataclasses.replace(PRESETS[args.preset], **overrides), args.workdir or os.path.join("runs", args.preset)
 
 

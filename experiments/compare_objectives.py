@@ -32,9 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
-    "eps": ["--prediction", "eps"],  # the article's target, unweighted (the default preset's before this study)
-    "v": ["--prediction", "v"],
-    "x0": ["--prediction", "x0"],
+    "eps": ["--prediction", "eps", "--loss-weight", "none"],  # the article's: the default preset's before the study
+    "v": ["--prediction", "v", "--loss-weight", "none"],
+    "x0": ["--prediction", "x0", "--loss-weight", "none"],
     "eps+min-snr": ["--prediction", "eps", "--loss-weight", "min-snr"],
     "v+min-snr": ["--prediction", "v", "--loss-weight", "min-snr"],
     "x0+min-snr": ["--prediction", "x0", "--loss-weight", "min-snr"],

@@ -184,7 +184,8 @@ def main(argv=None) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.set_num_threads(args.threads)
     runtime.enable_compilation_cache()
-    config = dataclasses.replace(PRESETS["default"], prediction="eps")  # the PyTorch loop learns the article's eps
+    # The PyTorch loop learns the article's objective: eps, unweighted.
+    config = dataclasses.replace(PRESETS["default"], prediction="eps", loss_weight="none")
     config = dataclasses.replace(config, sampler=config.sampler_settings().sampler)  # the family's default, named
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),

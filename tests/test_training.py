@@ -87,8 +87,9 @@ def test_a_finished_run_extended_with_more_steps_matches_one_run(tmp_path, monke
 
 
 def test_loss_decreases_on_embedded_data(tmp_path):
-    # eps, the article's target (v's loss starts lower and falls less in 60 steps: 0.47 to 0.38).
-    config = dataclasses.replace(TINY, steps=60, lr_decay="constant", log_every=10, save_every=60, prediction="eps")
+    # eps, unweighted: the article's objective (v's loss starts lower and falls less in 60 steps: 0.47 to 0.38).
+    config = dataclasses.replace(TINY, steps=60, lr_decay="constant", log_every=10, save_every=60, prediction="eps",
+                                 loss_weight="none")
     training.train(config, tmp_path, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.75 * losses[0], losses
@@ -142,7 +143,8 @@ def test_an_edm_run_records_its_constants_samples_with_heun_and_refuses_a_resume
     drawn = []
     monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
                         drawn.append(a[5]) or sample(*a, **k))
-    config = dataclasses.replace(TINY, prediction="edm", c_noise_scale=250.0, steps=4, save_every=4)
+    config = dataclasses.replace(TINY, prediction="edm", loss_weight="none", c_noise_scale=250.0, steps=4,
+                                 save_every=4)
     training.train(config, tmp_path, progress=False)
     assert [(s.sampler, s.prediction, s.edm.c_noise_scale) for s in drawn] == [("heun", "edm", 250.0)]
     monkeypatch.undo()
@@ -184,7 +186,7 @@ def test_changed_model_or_fewer_steps_on_resume_is_an_error(tiny_run, tmp_path):
     # changing any of them on resume is an error too.
     for change, message in [({"timesteps": 200}, "--timesteps 100 -> 200"), ({"schedule": "cosine"}, "linear -> cosine"),
                             ({"prediction": "eps"}, "--prediction v -> eps"),
-                            ({"loss_weight": "min-snr"}, "--loss-weight none -> min-snr"),
+                            ({"loss_weight": "none"}, "--loss-weight min-snr -> none"),
                             ({"snr_gamma": 1.0}, "--snr-gamma 5.0 -> 1.0"),
                             ({"offset_noise": 0.1}, "--offset-noise 0.0 -> 0.1")]:
         with pytest.raises(TrainingError, match=f"different model or objective .*{message}"):
@@ -376,6 +378,16 @@ def test_cli_help_explains_every_flag():
     assert "sampled by heun or euler (default preset: v; article preset: eps)" in text
     assert "(unset: sde-dpmsolver++ for DDPM models, heun for EDM models)" in text
     assert "(default preset: unset; article preset: ddpm)" in text
+    assert "(Hang et al. 2023) (default preset: min-snr; article preset: none)" in text
+
+
+def test_prediction_edm_on_a_preset_that_weights_its_loss_takes_edm_own_loss():
+    """The default preset weights by Min-SNR; with --prediction edm (EDM's loss is its own) that does not apply,
+    and --loss-weight min-snr given with it is still refused (test_bad_config_is_a_clear_error)."""
+    config, _ = cli.train_config(cli.train_parser().parse_args(["--prediction", "edm"]))
+    assert (config.prediction, config.loss_weight) == ("edm", "none")
+    config, _ = cli.train_config(cli.train_parser().parse_args(["--prediction", "eps"]))
+    assert (config.prediction, config.loss_weight) == ("eps", "min-snr")
 
 
 def _free_port():
