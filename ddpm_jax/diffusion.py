@@ -484,18 +484,19 @@ def sampler_settings(sampler: str | None, *, timesteps: int, steps: int | None =
 
     check_prediction(prediction)
     model_family = family(prediction)
-    entry = sampler_entry(sampler or DEFAULT_SAMPLERS[model_family])
+    name = sampler or DEFAULT_SAMPLERS[model_family]
+    entry = sampler_entry(name)
     if entry.family != model_family:
-        names = [name for name, other in SAMPLERS.items() if other.family == model_family]
-        raise ValueError(f"--sampler {sampler}: samples {entry.family.upper()} models, and this model was trained as "
+        names = [other for other, e in SAMPLERS.items() if e.family == model_family]
+        raise ValueError(f"--sampler {name}: samples {entry.family.upper()} models, and this model was trained as "
                          f"{prediction} (the {model_family.upper()} family); expected one of {names}")
     unknown = sorted(set(edm_settings) - set(EDM_SETTINGS))
     if unknown:
         raise TypeError(f"sampler_settings: unknown settings {unknown}")
-    values = {name: float(SamplerSettings._field_defaults[name] if edm_settings.get(name) is None
-                          else edm_settings[name]) for name in EDM_SETTINGS}
-    for name in ("s_churn", "s_noise", "s_tmin"):
-        need(values[name] >= 0, f"--{name.replace('_', '-')}", values[name], "a non-negative number")
+    values = {setting: float(SamplerSettings._field_defaults[setting] if edm_settings.get(setting) is None
+                             else edm_settings[setting]) for setting in EDM_SETTINGS}
+    for setting in ("s_churn", "s_noise", "s_tmin"):
+        need(values[setting] >= 0, f"--{setting.replace('_', '-')}", values[setting], "a non-negative number")
     need(values["sigma_min"] > 0, "--sigma-min", values["sigma_min"], "a positive number")
     need(values["sigma_min"] < values["sigma_max"], "--sigma-min", values["sigma_min"],
          f"less than --sigma-max ({values['sigma_max']:g})")
@@ -508,9 +509,8 @@ def sampler_settings(sampler: str | None, *, timesteps: int, steps: int | None =
         need(steps <= timesteps, steps_flag, steps, f"at most the {timesteps} diffusion steps (--timesteps)")
     n = (steps or entry.default_steps or timesteps) if "steps" in entry.takes else timesteps
     settings = SamplerSettings(
-        sampler or DEFAULT_SAMPLERS[model_family], n, float(eta) if "eta" in entry.takes else 0.0,
-        spacing if "spacing" in entry.takes else "linspace", prediction,
-        **{name: value for name, value in values.items() if name in entry.takes},
+        name, n, float(eta) if "eta" in entry.takes else 0.0, spacing if "spacing" in entry.takes else "linspace",
+        prediction, **{setting: value for setting, value in values.items() if setting in entry.takes},
         edm=EDM(*map(float, edm)) if model_family == "edm" else EDM())
     if "spacing" in entry.takes:  # leading with steps >= T: T // (steps + 1) = 0, and h = 0 divides
         times = dpm_solver_timesteps(timesteps, n, spacing)

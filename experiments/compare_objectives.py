@@ -221,7 +221,11 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
 
 def _prediction(arm: str) -> str:
     flags = ARMS[arm]
-    return flags[flags.index("--prediction") + 1] if "--prediction" in flags else "v"  # the default preset's
+    if "--prediction" in flags:
+        return flags[flags.index("--prediction") + 1]
+    from ddpm_jax.config import PRESETS
+
+    return PRESETS["default"].prediction
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ SHAPE = (2, 8, 8, 3)  # BHWC
 PAPER_CHURN = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)  # Table 5, ImageNet-64
 
 
-def _gain(sigma, xp=np):
+def _gain(sigma):
     """F = gain(sigma) * (c_in x) makes D(x; sigma) = c_skip x + c_out F exact for N(0, DATA_STD^2) data."""
     exact = DATA_STD**2 / (DATA_STD**2 + sigma**2)
     c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
@@ -39,7 +39,7 @@ def _gain(sigma, xp=np):
 def _sample(key, *, settings):
     def network(x_in, c_noise_B):  # sigma from c_noise = c_noise_scale * ln(sigma) / 4
         sigma = jnp.exp(4 * c_noise_B / settings.edm.c_noise_scale)
-        return _gain(sigma, jnp)[:, None, None, None] * x_in
+        return _gain(sigma)[:, None, None, None] * x_in
 
     schedule = schedules.make_schedule("linear", 1000)  # EDM's samplers have no use for it
     return diffusion.sample_loop(network, schedule, key, SHAPE, settings)
@@ -67,7 +67,7 @@ def test_training_loss_matches_the_paper_in_float64():
     key = jax.random.key(4)
 
     def network(x_in, c_noise_B):
-        return _gain(jnp.exp(4 * c_noise_B), jnp)[:, None, None, None] * x_in + 0.1  # not exact: a loss > 0
+        return _gain(jnp.exp(4 * c_noise_B))[:, None, None, None] * x_in + 0.1  # not exact: a loss > 0
 
     ours = float(jax.jit(lambda x, k: diffusion.edm_training_loss(network, x, k, edm))(jnp.asarray(x0), key))
     sigma_key, noise_key = jax.random.split(key)
