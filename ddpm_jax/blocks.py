@@ -49,8 +49,9 @@ def Conv(cin, cout, kernel_size, *, padding=0, groups=1, rngs, dtype=None):
         bias_init=_torch_bias_init(fan_in),
         dtype=dtype,
         rngs=rngs,
-        # XLA:CPU's depthwise conv is 15-40x slower than ops' shift-and-accumulate (forward and backward);
-        # off CPU ops resolves to lax. A static attribute: parameter paths and checkpoints are unchanged.
+        # XLA:CPU's depthwise conv is many times slower than depthwise.py's shift-and-accumulate (forward and
+        # backward; docs/perf/decisions.md); off CPU it resolves to lax. A static attribute: parameter paths and
+        # checkpoints are unchanged.
         conv_general_dilated=depthwise.conv_general_dilated if groups > 1 else lax.conv_general_dilated,
     )
 
@@ -70,7 +71,7 @@ def GroupNorm1(num_features, *, rngs, dtype=None):
 
 class ConvNextBlock(nnx.Module):
     def __init__(
-        self, in_channels, out_channels, mult=2, time_embedding_dim=None, norm=True, group=8, *, rngs, dtype=None
+        self, in_channels, out_channels, mult=2, time_embedding_dim=None, norm=True, *, rngs, dtype=None
     ):
         self.mlp = (
             nnx.Sequential(gelu, Linear(time_embedding_dim, in_channels, rngs=rngs, dtype=dtype))

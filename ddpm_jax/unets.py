@@ -18,7 +18,6 @@ class _UNet(nnx.Module):
         dim_mults=(1, 2, 4, 8),
         channels=3,
         sinusoidal_pos_emb_theta=10000,
-        convnext_block_groups=8,
         *,
         rngs: nnx.Rngs,
         dtype=None,
@@ -37,9 +36,7 @@ class _UNet(nnx.Module):
         )
 
         def block(cin, cout):
-            return ConvNextBlock(
-                cin, cout, time_embedding_dim=time_dim, group=convnext_block_groups, rngs=rngs, dtype=dtype
-            )
+            return ConvNextBlock(cin, cout, time_embedding_dim=time_dim, rngs=rngs, dtype=dtype)
 
         downs = []
         for ind, (dim_in, dim_out) in enumerate(in_out):

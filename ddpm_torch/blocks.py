@@ -13,8 +13,7 @@ def default(val, d):
 
 
 class ConvNextBlock(nn.Module):
-    # `group` is accepted and unused, as in the article (both GroupNorms have one group).
-    def __init__(self, in_channels, out_channels, mult=2, time_embedding_dim=None, norm=True, group=8):
+    def __init__(self, in_channels, out_channels, mult=2, time_embedding_dim=None, norm=True):
         super().__init__()
         self.mlp = (
             nn.Sequential(nn.GELU(), nn.Linear(time_embedding_dim, in_channels)) if time_embedding_dim else None

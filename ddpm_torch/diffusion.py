@@ -104,17 +104,13 @@ class DiffusionModel(nn.Module):
         return predicted_mean + torch.sqrt(posterior_variance) * noise
 
     @torch.inference_mode()
-    def p_sample_loop(self, shape: tuple, return_all_timesteps: bool = False, device=None) -> torch.Tensor:
-        """Sample from noise; with return_all_timesteps, every x_t from x_T to x_0 along dim 1 (T + 1 frames)."""
+    def p_sample_loop(self, shape: tuple, device=None) -> torch.Tensor:
+        """Sample x_0 from noise with the T ancestral steps of DDPM (Algorithm 2)."""
         device = default_device(self) if device is None else device
         img = torch.randn(shape, device=device)
-        imgs = [img]
         for t in tqdm(reversed(range(0, self.num_timesteps)), total=self.num_timesteps, disable=None):
             img = self.p_sample(img, t)
-            if return_all_timesteps:
-                imgs.append(img)
-        ret = torch.stack(imgs, dim=1) if return_all_timesteps else img
-        return self.unnormalize(ret)
+        return self.unnormalize(img)
 
     @torch.inference_mode()
     def ddim_step(
@@ -150,24 +146,19 @@ class DiffusionModel(nn.Module):
         shape: tuple,
         steps: int = 50,
         eta: float = 0.0,
-        return_all_timesteps: bool = False,
         device=None,
     ) -> torch.Tensor:
         """DDIM sampling with `steps` model calls; eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
         device = default_device(self) if device is None else device
         times = ddim_timesteps(self.num_timesteps, steps)
         img = torch.randn(shape, device=device)
-        imgs = [img]
         for t, t_prev in tqdm(list(zip(times[:-1], times[1:])), disable=None):
             img = self.ddim_step(img, t, t_prev, eta)
-            if return_all_timesteps:
-                imgs.append(img)
-        ret = torch.stack(imgs, dim=1) if return_all_timesteps else img
-        return self.unnormalize(ret)
+        return self.unnormalize(img)
 
-    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False) -> torch.Tensor:
+    def sample(self, batch_size: int = 16) -> torch.Tensor:
         shape = (batch_size, self.channels, self.image_size, self.image_size)
-        return self.p_sample_loop(shape, return_all_timesteps=return_all_timesteps)
+        return self.p_sample_loop(shape)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:

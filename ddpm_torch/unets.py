@@ -19,7 +19,6 @@ class _UNet(nn.Module):
         dim_mults=(1, 2, 4, 8),
         channels=3,
         sinusoidal_pos_emb_theta=10000,
-        convnext_block_groups=8,
     ):
         super().__init__()
         self.channels = channels
@@ -36,7 +35,7 @@ class _UNet(nn.Module):
         )
 
         def block(cin, cout):
-            return ConvNextBlock(cin, cout, time_embedding_dim=time_dim, group=convnext_block_groups)
+            return ConvNextBlock(cin, cout, time_embedding_dim=time_dim)
 
         self.downs = nn.ModuleList([])
         self.ups = nn.ModuleList([])
