@@ -2,20 +2,20 @@
 
 XLA compiles `lax.conv_general_dilated(..., feature_group_count=C)` well on no backend it was measured on:
 
-* on CPU it is 10-40x slower than elementwise code doing the same arithmetic, forward and backward
+* on CPU it is many times slower than elementwise code doing the same arithmetic, forward and backward
   (jax#23713, flax#4207);
 * on GPU its kernel gradient is cuDNN's grouped backward-filter kernel, as slow as a dense one
-  (jax#13800): on an H200 it was 52% of the article config's fp32 train step.
+  (jax#13800), and on the GPU measured it took more than half of the article config's fp32 train step.
 
-So the op has four implementations (`impl`):
+So the op has four implementations (`impl`); the measurements behind the choices are in docs/perf/decisions.md:
 
 * "shift": shift-and-accumulate with a `jax.custom_vjp`. The forward sums, per tap, the padded input's
   slice times that tap's per-channel weights, in one elementwise fusion that vectorises over the (minor)
   channel axis; the input gradient is the same on the cotangent with the flipped kernel; the kernel
   gradient swaps the roles of image and kernel (each output pixel's window of the input, times the
   cotangent there, accumulated into a (B, kh, kw, C) buffer by a `fori_loop` over pixels). The default on CPU.
-* "lax": XLA's grouped convolution and its own autodiff. The default elsewhere (on an H200 the "shift"
-  path was slower: 124 ms against 94 ms per article-config train step).
+* "lax": XLA's grouped convolution and its own autodiff. The default elsewhere (on the GPU measured, the
+  train step was slower with "shift").
 * "swap": XLA's grouped convolution forward and input gradient, with the kernel gradient as one grouped
   convolution of the input by the cotangent with batch and channel swapped, so that each channel is
   its own group and the batch is what is summed (the rewrite of tracel-ai/burn#5422).
@@ -23,9 +23,8 @@ So the op has four implementations (`impl`):
   kh * kw taps (batch: channels; contraction: batch and pixels).
 
 `depthwise_conv2d(..., impl="auto")` picks per lowering platform (`lax.platform_dependent`): `DEFAULT_IMPL`,
-or every platform the one named by `use_impl` (a context manager, for tests and benchmarks) or by the
-environment variable DDPM_JAX_DEPTHWISE when the module is imported. All four agree within float32
-rounding; tests force each on the CPU against lax and against float64.
+or on every platform the one named by the environment variable DDPM_JAX_DEPTHWISE when the module is
+imported. All four agree within float32 rounding; tests force each on the CPU against lax and against float64.
 
 Two entry points:
 
@@ -41,7 +40,6 @@ Not supported through the custom VJPs: forward-mode differentiation (`jax.jvp`, 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -51,13 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IMPLS", "conv_general_dilated", "depthwise_conv2d", "use_impl"]
+__all__ = ["IMPLS", "conv_general_dilated", "depthwise_conv2d"]
 
 IMPLS = ("shift", "lax", "swap", "taps")
 # Measured fastest per lowering platform ("cpu", "cuda", "rocm", "tpu"); a platform not listed uses "lax".
 # "swap" and "taps" have not yet been timed on a GPU (benchmarks/gpu_check.sh does).
 DEFAULT_IMPL = {"cpu": "shift"}
-_forced: list[str | None] = [None]  # set by use_impl or DDPM_JAX_DEPTHWISE: one impl on every platform
+_forced: str | None = None  # DDPM_JAX_DEPTHWISE: one impl on every platform
 
 _NHWC_SPEC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -253,17 +251,6 @@ def _check_impl(impl):
     return impl
 
 
-@contextlib.contextmanager
-def use_impl(impl: str | None):
-    """Within the block, `impl="auto"` traces `impl` on every platform (None: the per-platform defaults).
-    It acts when a function is traced: a jitted function traced earlier keeps its choice."""
-    previous, _forced[0] = _forced[0], impl if impl is None else _check_impl(impl)
-    try:
-        yield
-    finally:
-        _forced[0] = previous
-
-
 def depthwise_conv2d(x_BHWC, kernel_HW1C, padding: Padding = "SAME", *, impl: str = "auto",
                      preferred_element_type=None, precision=None):
     """Depthwise conv, stride 1: y[b,h,w,c] = sum_ij xpad[b, h+i, w+j, c] * kernel[i, j, 0, c].
@@ -277,8 +264,8 @@ def depthwise_conv2d(x_BHWC, kernel_HW1C, padding: Padding = "SAME", *, impl: st
     args = (x_BHWC, kernel_HW1C, pads, preferred_element_type, precision)
     if impl != "auto":
         return _depthwise(_check_impl(impl), *args)
-    if _forced[0] is not None:
-        return _depthwise(_forced[0], *args)
+    if _forced is not None:
+        return _depthwise(_forced, *args)
     # Chosen when lowering, per platform: the CPU branch only exists in CPU executables.
     def branch(impl):
         return lambda x, k: _depthwise(impl, x, k, *args[2:])
@@ -348,5 +335,5 @@ def conv_general_dilated(
 if os.environ.get("DDPM_JAX_DEPTHWISE"):
     if os.environ["DDPM_JAX_DEPTHWISE"] not in IMPLS:
         raise ValueError(f"DDPM_JAX_DEPTHWISE={os.environ['DDPM_JAX_DEPTHWISE']!r}: expected one of {IMPLS}")
-    _forced[0] = os.environ["DDPM_JAX_DEPTHWISE"]
+    _forced = os.environ["DDPM_JAX_DEPTHWISE"]
 

@@ -94,10 +94,9 @@ def enable_compilation_cache() -> None:
 
 
 # XLA:CPU hands dense convolutions to YNNPACK by default. Through XLA's Eigen convolution instead (oneDNN's
-# sgemm inside) the default U-Net's dense convolutions with both gradients took 274 ms per device and step
-# against 368 ms on a 2-core Intel Xeon (benchmarks/conv_paths.py), 3-7% of the whole train step in
-# alternating runs; forward-only programs (the sampler) were 4-6% slower that way, so they keep XLA's
-# default. Dots and reductions stay with YNNPACK. docs/performance.md has the measurements.
+# sgemm inside) the default U-Net's dense convolutions with both gradients are faster, and so is the train
+# step; forward-only programs (the sampler) were slower that way, so they keep XLA's default. Dots and
+# reductions stay with YNNPACK. The measurements: docs/perf/decisions.md.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 # With one JAX device per core every device is busy at once: Eigen's own threads would only contend.
 _ONE_THREAD_PER_DEVICE = {"xla_cpu_multi_thread_eigen": False}
@@ -125,9 +124,8 @@ def training_compiler_options() -> dict:
 def run_once_compiler_options() -> dict:
     """Options for `jax.jit(..., compiler_options=...)` of a program that runs once, such as the model's random
     initialisation. XLA:CPU spends most of such a compile optimising machine code that will run for
-    milliseconds: without LLVM's optimisations the default preset's initialisation compiles in 18 s instead of
-    31 s on a 2-core Intel Xeon (the tests' tiny U-Net: 5 s instead of 15 s). Results can differ from the
-    optimised program's by float32 rounding (a relative 3e-7 at most, measured). Elsewhere, none."""
+    milliseconds, so on CPU LLVM's optimisations are turned off (docs/perf/decisions.md has the compile times).
+    Results can then differ from the optimised program's by float32 rounding. Elsewhere, none."""
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 

@@ -101,13 +101,9 @@ def initial_state(config: TrainConfig, tx, sharding) -> tuple[nnx.GraphDef, Trai
     """`(graphdef, abstract, init)` from one trace of the model: its graph, the state as ShapeDtypeStructs on
     `sharding` (what a restore fills), and `init()`, which initialises a fresh run's state on those devices by a
     program compiled without the optimisations a program that runs once does not need
-    (`runtime.run_once_compiler_options`)."""
-    graphdef = None
-
-    def init():
-        nonlocal graphdef
-        graphdef, state = init_state(config, tx)
-        return state
-
+    (`runtime.run_once_compiler_options`). The graph is a pytree without leaves, so it comes out of the trace as
+    part of the output's structure."""
+    init = partial(init_state, config, tx)
     traced = jax.jit(init, out_shardings=sharding, compiler_options=runtime.run_once_compiler_options()).trace()
-    return graphdef, traced.out_info, lambda: traced.lower().compile()()
+    graphdef, abstract = traced.out_info
+    return graphdef, abstract, lambda: traced.lower().compile()()[1]

@@ -16,12 +16,17 @@ CASES = [
 def test_forward_other_channels():
     """Grayscale in, two channels out: the converter infers both. The levels are the second case's, whose eager
     ops then need compiling once for both tests."""
-    test_forward("TwoResUNet", 8, (1, 2, 2, 4), 16, {"channels": 1, "out_dim": 2})
+    _check_forward("TwoResUNet", 8, (1, 2, 2, 4), 16, {"channels": 1, "out_dim": 2})
 
 
 @pytest.mark.parametrize("variant", ["OneResUNet", "TwoResUNet", "AttentionUNet"])
 @pytest.mark.parametrize("dim,dim_mults,size,kwargs", CASES)
 def test_forward(variant, dim, dim_mults, size, kwargs):
+    _check_forward(variant, dim, dim_mults, size, kwargs)
+
+
+def _check_forward(variant, dim, dim_mults, size, kwargs):
+    """The converted Flax U-Net's output on 3 images against torch's, t at both ends of the schedule and between."""
     torch_model, flax_model = torch_and_flax(variant, dim=dim, dim_mults=dim_mults, **kwargs)
     channels = kwargs.get("channels", 3)
     g = torch.Generator().manual_seed(3)

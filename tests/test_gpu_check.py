@@ -25,12 +25,18 @@ def test_dry_run_runs_every_step_and_writes_every_file(tmp_path):
     run = _gpu_check("--dry-run", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
+    assert "--dry-run" in summary.splitlines()[0], summary  # the record says what kind of run made it
     for step in ("set-up", "bench.py", "profile_step.py", "resume tests", "parity suite"):
         assert re.search(rf"^\| {re.escape(step)}[^|]* \| \d+ \| ok \|$", summary, re.M), summary
 
     bench = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert bench["machine"]["device"] == "cpu" and bench["config"]["name"] == "tiny" and bench["rounds"] == 1
     assert set(bench["peers"]) == {"PyTorch eager", "JAX"}
-    assert ["torch.compile skipped: its compile and warm-up took longer than --compile-cap 1 s."] == bench["notes"]
+    # torch.compile cannot get ready within the dry run's cap: it is left out, and one note names it and the cap.
+    cap = float(re.search(r"--compile-cap (\S+)", bench["command"]).group(1))
+    assert {p.name for p in PEERS["fp32"]} - set(bench["peers"]) == {"torch.compile"}
+    (note,) = bench["notes"]
+    assert note.startswith("torch.compile ") and re.search(rf"\b{cap:.0f} s\b", note), note
     cpu = bench["machine"]["cpu"]
     assert cpu["cpu_model"] and cpu["cores"] >= 1 and isinstance(cpu["avx512"], bool) and isinstance(cpu["amx"], bool)
     assert bench["machine"]["versions"]["jax"] and bench["machine"]["versions"]["torch"]
@@ -54,7 +60,14 @@ def test_a_spent_budget_skips_the_remaining_steps_and_says_so(tmp_path):
     run = _gpu_check("--dry-run", "--budget", "1", "--out", str(tmp_path), timeout=120)
     assert run.returncode == 0, run.stderr
     summary = (tmp_path / "summary.md").read_text()
-    assert summary.count("not run: the budget of 1 s is spent") == 4, summary
+    rows = {name: (int(seconds), result)
+            for name, seconds, result in re.findall(r"^\| ([^|]+?) \| (\d+) \| ([^|]+?) \|$", summary, re.M)}
+    assert rows.pop("set-up")[1] == "ok", summary
+    # Every later step is listed as not run, with no time spent and the budget named; none of them wrote anything.
+    assert [name.split(",")[0] for name in rows] == ["bench.py", "profile_step.py", "resume tests", "parity suite"]
+    for seconds, result in rows.values():
+        assert seconds == 0 and result.startswith("not run") and re.search(r"\b1 s\b", result), summary
+    assert not (tmp_path / "bench_gpu.json").exists() and not (tmp_path / "profile_gpu.md").exists()
 
 
 def test_a_wrong_argument_is_a_clear_error(tmp_path):
@@ -72,5 +85,6 @@ def test_bench_compares_like_with_like_and_labels_the_mixed_row():
         ("JAX bf16", "PyTorch eager, autocast bf16"), ("JAX bf16", "torch.compile, autocast bf16"),
         ("JAX, depthwise swap", "PyTorch eager"), ("JAX, depthwise swap", "JAX"),
         ("JAX bf16", "PyTorch eager")}
-    assert "mixed precisions" in pairs[("JAX bf16", "PyTorch eager")]
+    mixed = pairs[("JAX bf16", "PyTorch eager")]  # its label sets it apart and names both precisions
+    assert len(set(pairs.values())) == len(pairs) and "bf16" in mixed and "fp32" in mixed
     assert dw.workloads == ["train_step"] and PEERS["fp32"][1].workloads == ["train_step", "forward"]
