@@ -21,7 +21,11 @@ def program_hash(tree: Path, prediction: str | None) -> tuple[str, int]:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from ddpm_jax import runtime, train_state
-    from ddpm_jax.config import PRESETS, validate
+    from ddpm_jax.config import PRESETS
+    try:  # validate's module since config.py became data; a checkout from before holds it in config.py
+        from ddpm_jax.validation import validate
+    except ImportError:
+        from ddpm_jax.config import validate
 
     config = PRESETS["default"]
     if prediction:  # unweighted, as every checkout before the loss weights

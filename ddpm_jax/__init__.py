@@ -1,20 +1,26 @@
 """ddpm-jax: the article's DDPM in JAX/Flax NNX (NHWC), with weight conversion from and to its PyTorch code."""
 
-from ddpm_jax.checkpoints import load_model, save_model
-from ddpm_jax.config import ModelConfig, TrainConfig
-from ddpm_jax.schedules import Schedule, make_schedule
-from ddpm_jax.unets import UNETS, AttentionUNet, OneResUNet, TwoResUNet, build_model
+import importlib
 
-__all__ = [
-    "AttentionUNet",
-    "ModelConfig",
-    "OneResUNet",
-    "Schedule",
-    "TrainConfig",
-    "TwoResUNet",
-    "UNETS",
-    "build_model",
-    "load_model",
-    "make_schedule",
-    "save_model",
-]
+# Each name is imported from its module when first used, so that importing a light module (ddpm_jax.config, to
+# read a config.json) does not start jax through this package's __init__.
+_MODULES = {
+    "AttentionUNet": "unets",
+    "ModelConfig": "config",
+    "OneResUNet": "unets",
+    "Schedule": "schedules",
+    "TrainConfig": "config",
+    "TwoResUNet": "unets",
+    "UNETS": "unets",
+    "build_model": "unets",
+    "load_model": "checkpoints",
+    "make_schedule": "schedules",
+    "save_model": "checkpoints",
+}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module 'ddpm_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ddpm_jax.{_MODULES[name]}"), name)

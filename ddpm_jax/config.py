@@ -1,18 +1,15 @@
 """Configs as data: the model's shape and the training run, one comment per field.
 
 A training workdir holds `config.json` (TrainConfig); a model directory holds `model.json`
-(ModelConfig). Either alone says how to rebuild its model.
+(ModelConfig). Either alone says how to rebuild its model. This module is data: it imports neither jax nor the
+image loaders, so reading a config is cheap; validation.py checks a TrainConfig against the registries.
 """
 
 import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-
-from ddpm_jax import diffusion
-from ddpm_jax.data import EMBEDDED_NAME
-from ddpm_jax.schedules import SCHEDULES, Schedule, make_schedule
+from ddpm_jax import objectives
 
 VARIANTS = ("OneResUNet", "TwoResUNet", "AttentionUNet")
 LR_DECAYS = ("constant", "cosine")
@@ -38,21 +35,22 @@ class ModelConfig:
     channels: int = 3  # image channels
     sinusoidal_pos_emb_theta: int = 10000  # base of the sinusoidal time embedding
     prediction: str = "eps"  # what the output predicts: eps | x0 | v (diffusion.predict reads it), or edm
-    edm: dict | None = None  # an edm model's constants (diffusion.EDM's fields; unset: the defaults); else None
+    edm: dict | None = None  # an edm model's constants (objectives.EDM's fields; unset: the defaults); else None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown model {self.variant!r}; expected one of {list(VARIANTS)}")
-        if self.prediction not in diffusion.PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of {list(diffusion.PREDICTIONS)}")
-        if diffusion.family(self.prediction) != "edm":
+        if self.prediction not in objectives.PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of "
+                             f"{list(objectives.PREDICTIONS)}")
+        if objectives.family(self.prediction) != "edm":
             if self.edm is not None:
                 raise ValueError(f"edm {self.edm}: a model of prediction {self.prediction} has no EDM constants")
         else:
-            fields, given = diffusion.EDM._fields, dict(self.edm or {})
+            fields, given = objectives.EDM._fields, dict(self.edm or {})
             if set(given) - set(fields):
                 raise ValueError(f"edm: unknown keys {sorted(set(given) - set(fields))}; expected {list(fields)}")
-            object.__setattr__(self, "edm", diffusion.EDM(**given)._asdict())
+            object.__setattr__(self, "edm", objectives.EDM(**given)._asdict())
         if self.init_dim not in (None, self.dim):  # as in the article's code, whose forward fails the same way
             raise ValueError(
                 f"init_dim {self.init_dim} with dim {self.dim}: expected init_dim = dim (or None). The U-Nets join "
@@ -61,9 +59,9 @@ class ModelConfig:
         object.__setattr__(self, "dim_mults", tuple(self.dim_mults))
 
     @property
-    def edm_constants(self) -> diffusion.EDM:
+    def edm_constants(self) -> objectives.EDM:
         """The EDM constants of an edm model (the defaults for any other, which does not read them)."""
-        return diffusion.EDM(**(self.edm or {}))
+        return objectives.EDM(**(self.edm or {}))
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
@@ -119,9 +117,8 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, 'newest checkpoints kept')
     sample_every: int = _field(500, 'sample a grid from the EMA weights every this many steps (and at the end)')
     num_samples: int = _field(16, 'images per sample grid')
-    sampler: str | None = _field(None, "the sample grids' sampler (unset: " + ", ".join(
-        f"{name} for {family.upper()} models" for family, name in diffusion.DEFAULT_SAMPLERS.items()) + "): " +
-        "; ".join(f"{name}: {entry.help}" for name, entry in diffusion.SAMPLERS.items()))
+    # The names and the default per family are diffusion.SAMPLERS' and DEFAULT_SAMPLERS', which --help lists.
+    sampler: str | None = _field(None, "the sample grids' sampler")
     sampling_steps: int = _field(20, 'steps of ddim, the DPM-Solvers and EDM\'s samplers (ignored by ddpm)')
     eta: float = _field(1.0, 'DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step (DDPM-like)')
     s_churn: float = _field(0.0, 'EDM\'s samplers: churn, the fresh noise put back per step (Algorithm 2; 0: none)')
@@ -134,24 +131,18 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        edm = diffusion.family(self.prediction) == "edm"
+        edm = objectives.family(self.prediction) == "edm"
         return ModelConfig(variant=self.model, dim=self.dim, dim_mults=self.dim_mults, channels=self.channels or 3,
                            prediction=self.prediction, edm=self.edm._asdict() if edm else None)
 
     @property
-    def edm(self) -> diffusion.EDM:
-        return diffusion.EDM(self.sigma_data, self.p_mean, self.p_std, self.c_noise_scale)
+    def edm(self) -> objectives.EDM:
+        return objectives.EDM(self.sigma_data, self.p_mean, self.p_std, self.c_noise_scale)
 
     @property
-    def objective(self) -> diffusion.Objective:
-        return diffusion.Objective(self.prediction, self.loss, self.loss_weight, self.snr_gamma, self.offset_noise,
-                                   self.edm)
-
-    def sampler_settings(self) -> diffusion.SamplerSettings:
-        """The sample grids' sampler, checked (a ValueError names the flag)."""
-        return diffusion.sampler_settings(self.sampler, timesteps=self.timesteps, steps=self.sampling_steps,
-                                          eta=self.eta, prediction=self.prediction, steps_flag="--sampling-steps",
-                                          edm=self.edm, s_churn=self.s_churn)
+    def objective(self) -> objectives.Objective:
+        return objectives.Objective(self.prediction, self.loss, self.loss_weight, self.snr_gamma, self.offset_noise,
+                                    self.edm)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "train config") -> "TrainConfig":
@@ -196,73 +187,6 @@ PRESETS = {
         sampler="ddpm",
     ),
 }
-
-
-# The allowed values of TrainConfig's fields, read by the command line (argparse's choices) and by `validate`; the
-# sampler settings (sampler, sampling_steps, eta, prediction) are checked by diffusion.sampler_settings alone.
-CHOICES = {
-    "model": VARIANTS,
-    "schedule": tuple(sorted(SCHEDULES)),
-    "loss": diffusion.LOSSES,
-    "loss_weight": diffusion.LOSS_WEIGHTS,
-    "precision": ("fp32", "bf16"),
-    "lr_decay": LR_DECAYS,
-    "channels": (1, 3),  # or None: from the data
-}
-POSITIVE = ("steps", "timesteps", "batch_size", "dim", "image_size", "save_every", "sample_every", "num_samples",
-            "log_every", "ema_every", "keep_checkpoints", "embedded_size", "lr", "snr_gamma", "sigma_data", "p_std",
-            "c_noise_scale")
-NON_NEGATIVE = ("warmup_steps", "ema_start", "seed", "weight_decay", "grad_clip", "offset_noise")
-UNIT_INTERVAL = ("adam_b1", "adam_b2", "ema_decay")  # [0, 1)
-
-
-def validate(config: TrainConfig, num_devices: int) -> Schedule:
-    """Every value checked before anything compiles; a ValueError names the flag and what is allowed. Returns the
-    run's noise schedule (checking it means building it)."""
-    def need(ok, field, expected):
-        if not ok:
-            raise ValueError(f"--{field.replace('_', '-')} {getattr(config, field)}: expected {expected}")
-
-    need(config.data == EMBEDDED_NAME or Path(config.data).is_dir() or
-         (config.data.endswith(".npy") and Path(config.data).is_file()), "data",
-         f"an image folder, a .npy file, or {EMBEDDED_NAME!r} for the built-in tiles")
-    for field, allowed in CHOICES.items():
-        value = getattr(config, field)
-        need(value in allowed or (field == "channels" and value is None), field, f"one of {list(allowed)}")
-    need(config.channels != 1 or config.data != EMBEDDED_NAME, "channels", "3 with the embedded tiles, which are RGB")
-    def kind(field):  # of the field's declared type, not of the value given
-        return "integer" if isinstance(getattr(TrainConfig, field), int) else "number"
-
-    for field in POSITIVE:
-        need(getattr(config, field) > 0, field, f"a positive {kind(field)}")
-    for field in NON_NEGATIVE:
-        note = " (0 disables clipping)" if field == "grad_clip" else ""
-        need(getattr(config, field) >= 0, field, f"a non-negative {kind(field)}{note}")
-    for field in UNIT_INTERVAL:
-        need(0 <= getattr(config, field) < 1, field, "a number in [0, 1)")
-    need(config.dim_mults and all(m > 0 for m in config.dim_mults), "dim_mults", "positive integers, e.g. 1,2,4,8")
-    need(config.dim % 2 == 0 and config.dim >= 4, "dim", "an even integer >= 4 (the time embedding halves it)")
-    check_image_size(config.image_size, len(config.dim_mults))
-    need(config.batch_size % num_devices == 0, "batch_size", f"a multiple of the device count ({num_devices})")
-    if diffusion.family(config.prediction) == "edm":  # EDM's loss is its own: l2, weighted by lambda(sigma)
-        for field, default in (("loss", "l2"), ("loss_weight", "none"), ("offset_noise", 0.0)):
-            need(getattr(config, field) == default, field, f"{default} with --prediction edm, whose loss is the "
-                 f"paper's (l2, weighted by (sigma^2 + sigma_data^2) / (sigma sigma_data)^2)")
-    config.sampler_settings()
-    return check_schedule(config.schedule, config.timesteps)
-
-
-def check_schedule(name: str, timesteps: int) -> Schedule:
-    """The named beta schedule at T = `timesteps`, once every beta is checked to lie in (0, 1); else a ValueError
-    naming the flags."""
-    schedule = make_schedule(name, timesteps)
-    betas = np.asarray(schedule.betas)
-    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
-        raise ValueError(
-            f"--schedule {name} with --timesteps {timesteps} gives betas outside (0, 1) "
-            f"(range {np.nanmin(betas):.3g}..{np.nanmax(betas):.3g}); the linear schedule needs --timesteps > 20"
-        )
-    return schedule
 
 
 def check_image_size(image_size: int, levels: int) -> None:

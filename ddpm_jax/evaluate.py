@@ -11,7 +11,8 @@ project both sets, sort, mean absolute difference; averaged over repeats, times 
 "swd" is the mean over levels. Because each set is standardised, SWD cannot see a colour cast;
 `colour_distance` measures it.
 
-From the command line (cli.py), with the image sets loaded by `images.load_images`:
+`compare(real_spec, fake_spec)` loads two image sets with `ddpm_jax.data.load` and measures both; the command
+line (cli.py) prints its record:
     ddpm-evaluate --real embedded --fake samples.npz
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+
+from ddpm_jax import data
 
 NHOOD_SIZE = 7  # ProGAN's descriptor: a 7x7 neighbourhood of 3 channels.
 
@@ -71,14 +74,6 @@ def laplacian_pyramid(images_BHWC: np.ndarray, num_levels: int) -> list[np.ndarr
         pyramid.append(pyr_down(pyramid[-1]))
         pyramid[-2] = pyramid[-2] - pyr_up(pyramid[-1])
     return pyramid
-
-
-def reconstruct_laplacian_pyramid(pyramid: list[np.ndarray]) -> np.ndarray:
-    """Inverse of `laplacian_pyramid`: upsample the residual and add the levels back."""
-    images = pyramid[-1]
-    for level in pyramid[-2::-1]:
-        images = pyr_up(images) + level
-    return images
 
 
 # ----------------------------------------------------------------------------- descriptors
@@ -236,7 +231,48 @@ def colour_distance(real: np.ndarray, fake: np.ndarray) -> dict:
     return {"colour_w1": float(np.mean(w1)), "mean_shift": shift}
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- two image sets
+
+
+def compare(real_spec: str, fake_spec: str, *, image_size: int | None = None, num: int | None = None, seed: int = 0,
+            real_seed: int = 0, fake_seed: int = 1, float_range: str = "0,1") -> dict:
+    """SWD and colour distance between two image sets named as ddpm_jax.data.load reads them (an image folder, a
+    .npy or .npz file, "embedded"): the record ddpm-evaluate prints, {"swd", "levels" (per resolution, as
+    strings), "colour_w1", "mean_shift", "num_real", "num_fake", "image_size"}.
+
+    image_size: folders (and the embedded tiles) are made this size, files must have it. None: the size of a set
+    that keeps its own (a file, data.Source.sets_size), else that of the one first in data.SOURCES (the embedded
+    tiles' 32 px before a folder's common size); the other set follows. num: images per set (the first num; for
+    "embedded", how many to make, default 2048). seed: the descriptors' positions and projections. real_seed,
+    fake_seed: the embedded tiles' seed of each set (different, so that embedded against embedded measures two
+    independent samples). float_range: of float images in a .npz file ("0,1" or "-1,1").
+    """
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+    specs = {"real": (real_spec, real_seed), "fake": (fake_spec, fake_seed)}
+    kinds = {name: data.source(spec) for name, (spec, _) in specs.items()}
+    size, sets = image_size, {}
+    for name in sorted(specs, key=lambda n: (not kinds[n].sets_size, data.SOURCES.index(kinds[n]))):
+        spec, embedded_seed = specs[name]
+        # A file is never resized: given the size it must match, else it keeps its own and the shapes are compared.
+        sets[name] = data.load(spec, image_size if kinds[name].sets_size else size, num=num,
+                               embedded_seed=embedded_seed, float_range=float_range)
+        size = size or sets[name].shape[1]
+    real, fake = sets["real"], sets["fake"]
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(
+            f"--real {real_spec} has images of shape {real.shape[1:]} but --fake {fake_spec} has "
+            f"{fake.shape[1:]}; expected the same (use --image-size to resize folders)"
+        )
+    result = swd(real, fake, seed=seed)
+    return {
+        "swd": result["swd"],
+        "levels": {str(res): v for res, v in result["levels"].items()},
+        **colour_distance(real, fake),
+        "num_real": int(real.shape[0]),
+        "num_fake": int(fake.shape[0]),
+        "image_size": int(real.shape[1]),
+    }
 
 
 if __name__ == "__main__":  # python -m ddpm_jax.evaluate

@@ -1,14 +1,10 @@
-"""Images as arrays and files: the float -> uint8 conversion, PNG grids and single PNGs, and the loader of an
-image set named on a command line (a folder, a .npz file, or the embedded dataset)."""
+"""Images as arrays and files: the float -> uint8 conversion, PNG grids and single PNGs. The image sets a command
+names are loaded by ddpm_jax.data.load."""
 
 import math
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
-
-from ddpm_jax import data
 
 FLOAT_RANGES = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0)}
 _UNDERSHOOT = 0.05  # of the range's width: float values this far outside it are clipped, further is an error
@@ -54,100 +50,6 @@ def _pixels(x: np.ndarray, name: str, float_range: str) -> np.ndarray:
                          f"{_UNDERSHOOT:.0%} of it; if they are in [{other}], say so (--float-range={other})")
     scaled = (x.astype(np.float64) - bottom) * (255.0 / (top - bottom))
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
-
-
-def _load_npz(path: str, float_range: str) -> np.ndarray:
-    # np.load reads anything that is neither a zip (.npz) nor a .npy as a pickle, and with
-    # allow_pickle=False blames "pickled (object) data" even for a text file.
-    with open(path, "rb") as f:
-        npy = f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
-    if not (npy or zipfile.is_zipfile(path)):
-        raise ValueError(f"{path}: is not a valid .npz file (neither a zip archive of arrays nor a .npy array)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # a .npy saved under a .npz name
-            key, array = "array", loaded
-        else:
-            with loaded:
-                if not loaded.files:
-                    raise ValueError("it holds no arrays")
-                key = "images" if "images" in loaded.files else loaded.files[0]
-                array = loaded[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: cannot read as .npz of images ({e})") from e
-    return to_uint8(array, name=f"{path}[{key!r}]", float_range=float_range)
-
-
-def load_images(spec: str, image_size: int | None, *, num: int | None = None, embedded_seed: int = 0,
-                float_range: str = "0,1", strict: bool = False, channels: int | None = 3) -> np.ndarray:
-    """Images named by `spec` as uint8 (N, S, S, C).
-
-    spec: an image folder (ddpm_jax.data.load_image_folder with `strict` and `channels`, resized to `image_size`;
-    None: the size its images share, an error if they differ), a .npy file of uint8 (N, S, S, C) images
-    (memory-mapped: a dataset larger than RAM), a .npz file (the array under key "images", else the first array;
-    converted by `to_uint8` with `float_range`; RGB), or "embedded" (ddpm_jax.data.embedded_dataset with
-    `embedded_seed`, `num` images, default 2048, of `image_size`, default 32, px; RGB). Files are not resized:
-    their size must equal `image_size` when given. channels: 1 or 3, or None for the data's own (a folder: 1 when
-    all its images are grayscale).
-    num: keep at most the first `num` images (folders and files).
-    """
-    if num is not None and num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    if spec == data.EMBEDDED_NAME:
-        if channels == 1:
-            raise ValueError("the embedded tiles are RGB: expected 3 channels, not 1")
-        return data.embedded_dataset(
-            num_images=2048 if num is None else num,
-            image_size=32 if image_size is None else image_size,
-            seed=embedded_seed,
-        )
-    if not os.path.exists(spec):
-        raise FileNotFoundError(f"{spec}: no such file or folder; expected an image folder, a .npy or .npz file, or "
-                                "'embedded'")
-    if os.path.isdir(spec):
-        images = data.load_image_folder(spec, _common_size(spec) if image_size is None else image_size,
-                                        channels=channels, strict=strict)
-    elif spec.endswith((".npz", ".npy")):
-        images = _load_npz(spec, float_range) if spec.endswith(".npz") else _load_npy(spec)
-        if image_size is not None and images.shape[1:3] != (image_size, image_size):
-            raise ValueError(f"{spec}: images are {images.shape[1]}x{images.shape[2]} px, expected "
-                             f"{image_size}x{image_size} (image_size); files are not resized")
-        if channels is not None and images.shape[3] != channels:
-            raise ValueError(f"{spec}: images have {images.shape[3]} channel(s), expected {channels}")
-    else:
-        raise ValueError(f"{spec}: expected an image folder, a .npy or .npz file, or 'embedded'")
-    return images[:num] if num is not None else images
-
-
-def _load_npy(path: str) -> np.ndarray:
-    """A .npy file of uint8 (N, S, S, 1 or 3) images, memory-mapped (read only)."""
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - not a .npy, or one holding objects
-        raise ValueError(f"{path}: cannot read as a .npy array of images ({type(e).__name__}: {e})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2] or \
-            images.shape[3] not in (1, 3) or not len(images):
-        raise ValueError(f"{path}: holds {images.dtype} {images.shape}; expected uint8 images (N, S, S, C) with "
-                         "N >= 1 and C = 1 or 3")
-    return images
-
-
-def _common_size(folder: str) -> int:
-    """The side of the square images of `folder` when they all have one size (read from the headers)."""
-    from PIL import Image
-
-    sizes = set()
-    for path in data.list_images(Path(folder))[0]:
-        try:
-            with Image.open(path) as im:
-                sizes.add(im.size)
-        except OSError:
-            continue  # load_image_folder reports unreadable files
-    if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:
-        return next(iter(sizes))[0]
-    seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) or "none readable"
-    raise ValueError(f"{folder}: its images are not all one square size ({seen}); "
-                     f"pass --image-size to resize them to one")
 
 
 def _clipped(images: np.ndarray) -> np.ndarray:

@@ -72,3 +72,16 @@ def make_schedule(name: str = "linear", timesteps: int = 1000, **schedule_kwargs
             posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         )
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in coefficients.items()})
+
+
+def check_schedule(name: str, timesteps: int) -> Schedule:
+    """The named beta schedule at T = `timesteps`, once every beta is checked to lie in (0, 1); else a ValueError
+    naming the flags."""
+    schedule = make_schedule(name, timesteps)
+    betas = np.asarray(schedule.betas)
+    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(
+            f"--schedule {name} with --timesteps {timesteps} gives betas outside (0, 1) "
+            f"(range {np.nanmin(betas):.3g}..{np.nanmax(betas):.3g}); the linear schedule needs --timesteps > 20"
+        )
+    return schedule

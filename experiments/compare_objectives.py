@@ -3,6 +3,7 @@
     python experiments/compare_objectives.py --arm v --seed 0         # train (or resume) one arm, then score it
     python experiments/compare_objectives.py --table                  # the table of every record so far
     python experiments/compare_objectives.py --figure docs/training/objectives.png
+    python experiments/compare_objectives.py --sampler-figure edm_seed0 docs/sampling/edm_samplers.png
 
 An arm is the default preset (`ddpm-train` with no flags but --workdir and --seed) plus the flags in ARMS. Each
 run trains in runs/objectives/<arm>_seed<S> (a killed run resumes), then draws --sets sets of --num samples from
@@ -87,16 +88,17 @@ def score(workdir: Path, num: int, sets: int) -> dict:
     """Per sampler: each set's SWD, colour W1 and seconds (the first includes the compile)."""
     import jax
 
-    from ddpm_jax import diffusion, runtime
+    from ddpm_jax import diffusion
     from ddpm_jax.checkpoints import load_model
-    from ddpm_jax.config import check_schedule
+    from ddpm_jax.data import load
     from ddpm_jax.evaluate import colour_distance, swd
-    from ddpm_jax.images import load_images, to_uint8
+    from ddpm_jax.images import to_uint8
+    from ddpm_jax.schedules import check_schedule
     from ddpm_jax.workdirs import read_config
 
     run = read_config(workdir)
     model, model_config = load_model(workdir)
-    held_out = load_images("embedded", run.image_size, num=num, embedded_seed=HELD_OUT_SEED)
+    held_out = load("embedded", run.image_size, num=num, embedded_seed=HELD_OUT_SEED)
     schedule = check_schedule(run.schedule, run.timesteps)
     scores = {}
     for name, (sampler, steps, options) in SAMPLERS[diffusion.family(run.prediction)].items():
@@ -129,11 +131,11 @@ def network_calls(name: str) -> int:
 
 def baseline(num: int) -> float:
     """SWD of the first `num` training tiles (seed 0) against the `num` held-out tiles."""
+    from ddpm_jax.data import load
     from ddpm_jax.evaluate import swd
-    from ddpm_jax.images import load_images
 
-    return swd(load_images("embedded", 32, num=num, embedded_seed=HELD_OUT_SEED),
-               load_images("embedded", 32, embedded_seed=0)[:num])["swd"]
+    return swd(load("embedded", 32, num=num, embedded_seed=HELD_OUT_SEED),
+               load("embedded", 32, embedded_seed=0)[:num])["swd"]
 
 
 def run_arm(args) -> None:
@@ -219,6 +221,34 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
     Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)  # a few hundred KB, not a MB
 
 
+def sampler_figure(folder: Path, workdirs: Path, run: str, out: Path, tiles: int = 36) -> None:
+    """One run's samples (`run` = <arm>_seed<S>), `tiles` per sampler of its family, from the same x_T, each titled
+    with its network calls and the run's SWD (mean of its sets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from ddpm_jax.images import grid
+
+    scores = json.loads((folder / f"{run}.json").read_text())["scores"]
+    fig, axes = plt.subplots(1, len(scores), figsize=(2.6 * len(scores), 3.0), squeeze=False)
+    for ax, (name, sets) in zip(axes[0], scores.items()):
+        samples = np.load(_samples_path(workdirs / run, name))[:tiles].astype(np.float32) / 255.0
+        ax.imshow(grid(samples, name), interpolation="nearest")
+        ax.set_title(f"{name}: {network_calls(name)} calls,\nSWD {statistics.mean(s['swd'] for s in sets):.1f}",
+                     fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{run}: the same x_T per sampler", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)
+
+
 def _prediction(arm: str) -> str:
     flags = ARMS[arm]
     if "--prediction" in flags:
@@ -238,6 +268,8 @@ def main(argv=None) -> None:
     p.add_argument("--records", type=Path, default=ROOT / "docs" / "training" / "objectives")
     p.add_argument("--table", action="store_true", help="print the table of the records")
     p.add_argument("--figure", type=Path, help="write the PNG of a grid per arm and sampler (its lowest training seed with samples)")
+    p.add_argument("--sampler-figure", nargs=2, metavar=("RUN", "PNG"),
+                   help="write the PNG of one run's samples (RUN: <arm>_seed<S>) with each sampler of its family")
     args = p.parse_args(argv)
     if args.arm:
         run_arm(args)
@@ -245,6 +277,8 @@ def main(argv=None) -> None:
         print(table(args.records))
     if args.figure:
         figure(args.records, args.workdirs, args.figure)
+    if args.sampler_figure:
+        sampler_figure(args.records, args.workdirs, args.sampler_figure[0], Path(args.sampler_figure[1]))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ import numpy as np
 
 from ddpm_jax import diffusion, runtime
 from ddpm_jax.checkpoints import load_model
-from ddpm_jax.config import check_schedule
+from ddpm_jax.data import load
 from ddpm_jax.evaluate import colour_distance, swd
-from ddpm_jax.images import load_images, to_uint8
+from ddpm_jax.images import to_uint8
+from ddpm_jax.schedules import check_schedule
 from ddpm_jax.workdirs import read_config
 
 HELD_OUT_SEED = 1
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     schedule = check_schedule(run.schedule, run.timesteps)
     model, _ = load_model(args.checkpoint)
     sharding = runtime.replicate_for_sampling(model, args.num)
-    held_out = load_images("embedded", run.image_size, num=args.held_out, embedded_seed=HELD_OUT_SEED)
+    held_out = load("embedded", run.image_size, num=args.held_out, embedded_seed=HELD_OUT_SEED)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["machine"] = {"cpu": platform.processor() or platform.machine(), "devices": jax.device_count(),
                           "backend": jax.default_backend(), "num": args.num, "held_out": args.held_out}

@@ -40,6 +40,7 @@ from ddpm_jax.data import embedded_dataset, get_batch
 from ddpm_jax.evaluate import colour_distance, swd
 from ddpm_jax.images import to_uint8
 from ddpm_jax.schedules import make_schedule
+from ddpm_jax.validation import sampler_settings
 from ddpm_torch import UNETS, DiffusionModel
 from ddpm_torch.training import train_step as torch_train_step
 
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
     runtime.enable_compilation_cache()
     # The PyTorch loop learns the article's objective: eps, unweighted.
     config = dataclasses.replace(PRESETS["default"], prediction="eps", loss_weight="none")
-    config = dataclasses.replace(config, sampler=config.sampler_settings().sampler)  # the family's default, named
+    config = dataclasses.replace(config, sampler=sampler_settings(config).sampler)  # the family's default, named
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),
                                      sample_every=args.steps)

@@ -132,22 +132,23 @@ def test_modes_are_converted_to_rgb(tmp_path, no_user_cache):
     assert (out[8][:, :4] == 128).all() and (out[8][:, 4:] == 255).all()
 
 
-def test_grayscale_folders_decode_to_one_channel_unless_told(tmp_path, no_user_cache):
+def test_grayscale_folders_decode_to_one_channel_unless_told(tmp_path, no_user_cache, monkeypatch):
     """channels=None: one channel when every image is grayscale (8- or 16-bit), else three; one channel of an RGB
     image is its luma (Pillow's L: 0.299 R + 0.587 G + 0.114 B)."""
     gray = tmp_path / "gray"
     save(gray / "a.png", solid(100, mode="L"))
     save(gray / "b.png", Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)))
-    assert folder.grayscale_folder(gray, 8)
     out = load_image_folder(gray, 8)
     assert out.shape == (2, 8, 8, 1) and (out[0] == 100).all() and (out[1] == 200).all()
-    assert folder.grayscale_folder(gray, 8)  # now answered by the cache's record
+    with monkeypatch.context() as m:  # headers that would say colour: the cache's record answers
+        m.setattr(folder, "_header_mode", lambda f: "RGB")
+        assert load_image_folder(gray, 8).shape == (2, 8, 8, 1)
     rgb = load_image_folder(gray, 8, channels=3)
     assert rgb.shape == (2, 8, 8, 3) and (rgb == out).all()
     assert len(list((gray / data.CACHE_DIR_NAME).glob("*.npy"))) == 2  # both caches stay
 
     save(gray / "c.png", solid(RED))
-    assert not folder.grayscale_folder(gray, 8) and load_image_folder(gray, 8).shape == (3, 8, 8, 3)
+    assert load_image_folder(gray, 8).shape == (3, 8, 8, 3)
     luma = load_image_folder(gray, 8, channels=1)
     assert luma.shape == (3, 8, 8, 1) and (luma[2] == round(0.299 * 255)).all()
 
@@ -533,3 +534,94 @@ def test_raising_the_pixel_limit_is_not_answered_from_the_cache(tmp_path, monkey
         assert len(load_image_folder(tmp_path / "d", 8)) == 1
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     assert len(load_image_folder(tmp_path / "d", 8)) == 2
+
+
+# ============================================================================ sources: data.load and SOURCES
+
+
+def random_images(n, size=32, seed=0):
+    """Random uint8 (n, size, size, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_load_npz(tmp_path):
+    u8 = random_images(5, seed=2)
+    np.savez(tmp_path / "a.npz", other=np.zeros(3), images=u8.transpose(0, 3, 1, 2) / 127.5 - 1)
+    np.testing.assert_array_equal(data.load(str(tmp_path / "a.npz"), 32, num=4, float_range="-1,1"), u8[:4])
+    with pytest.raises(ValueError, match="--float-range=-1,1"):
+        data.load(str(tmp_path / "a.npz"), 32)
+    with pytest.raises(ValueError, match="expected 16x16"):
+        data.load(str(tmp_path / "a.npz"), 16, float_range="-1,1")
+    with pytest.raises(FileNotFoundError, match="nope.npz: no such file or folder; expected 'embedded' "
+                                                r"\(the built-in RGB tiles\), an image folder, a .npy file, or a .npz"):
+        data.load(str(tmp_path / "nope.npz"), None)
+
+
+def test_load_junk_npz_is_not_an_npz(tmp_path):
+    (tmp_path / "junk.npz").write_text("not an npz\n")
+    with pytest.raises(ValueError, match="junk.npz: is not a valid .npz file") as info:
+        data.load(str(tmp_path / "junk.npz"), None)
+    assert "pickled" not in str(info.value)
+    # A .npy saved under a .npz name still loads.
+    u8 = random_images(2, seed=2)
+    with open(tmp_path / "array.npz", "wb") as f:
+        np.save(f, u8)
+    np.testing.assert_array_equal(data.load(str(tmp_path / "array.npz"), None), u8)
+
+
+def test_load_npy_is_memory_mapped_and_checked(tmp_path):
+    np.save(tmp_path / "gray.npy", np.arange(5 * 8 * 8, dtype=np.uint8).reshape(5, 8, 8, 1))
+    out = data.load(str(tmp_path / "gray.npy"), 8, channels=None)
+    assert isinstance(out, np.memmap) and out.shape == (5, 8, 8, 1) and out[4, 7, 7, 0] == (5 * 64 - 1) % 256
+    assert data.load(str(tmp_path / "gray.npy"), None, num=2, channels=1).shape == (2, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"gray.npy: images have 1 channel\(s\), expected 3"):
+        data.load(str(tmp_path / "gray.npy"), 8)
+    with pytest.raises(ValueError, match="gray.npy: images are 8x8 px, expected 16x16"):
+        data.load(str(tmp_path / "gray.npy"), 16, channels=None)
+    np.save(tmp_path / "float.npy", np.zeros((5, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"float.npy: holds float32 \(5, 8, 8, 3\); expected uint8 images"):
+        data.load(str(tmp_path / "float.npy"), 8)
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.npy: cannot read as a .npy array of images"):
+        data.load(str(tmp_path / "junk.npy"), 8)
+
+
+def test_each_kind_is_recognised_and_says_whether_it_trains(tmp_path, monkeypatch, no_user_cache):
+    save(tmp_path / "imgs" / "a.png", solid(RED))
+    np.save(tmp_path / "a.npy", random_images(2, size=8))
+    np.savez(tmp_path / "a.npz", images=random_images(2, size=8))
+    (tmp_path / "a.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "embedded").mkdir()  # the name stays the built-in tiles, also where a folder has it
+    kinds = {spec: data.source(spec).name for spec in ("embedded", "imgs", "a.npy", "a.npz")}
+    assert kinds == {"embedded": "embedded", "imgs": "folder", "a.npy": "npy", "a.npz": "npz"}
+    assert [data.check_trainable(spec).name for spec in ("embedded", "imgs", "a.npy")] == ["embedded", "folder", "npy"]
+    for spec in ("a.npz", "a.txt", "missing"):
+        with pytest.raises(ValueError, match=fr"^--data {spec}: expected 'embedded' \(the built-in RGB tiles\), an "
+                                             r"image folder, or a .npy file$"):
+            data.check_trainable(spec)
+    with pytest.raises(ValueError, match=r"^a.txt: expected 'embedded' .*, a .npy file, or a .npz file$"):
+        data.load("a.txt", None)
+    assert data.check_trainable("imgs", 1).name == "folder" and data.check_trainable("a.npy", 1).name == "npy"
+    with pytest.raises(ValueError, match=r"^--channels 1: expected 3 with 'embedded' \(the built-in RGB tiles\)$"):
+        data.check_trainable("embedded", 1)
+    with pytest.raises(ValueError, match=r"embedded: images have 3 channel\(s\), expected 1"):
+        data.load("embedded", 8, num=2, channels=1)
+    np.testing.assert_array_equal(data.load("embedded", 8, num=3, embedded_seed=4), embedded_dataset(3, 8, seed=4))
+
+
+def test_a_new_source_is_one_entry_of_the_table(monkeypatch):
+    """What a new kind needs: its loader and an entry in SOURCES; load and check_trainable then know it."""
+    from ddpm_jax.data import sources
+
+    def grey(spec, request):
+        return np.full((5, request.image_size or 4, request.image_size or 4, 3), int(spec.split(":")[1]), np.uint8)
+
+    entry = data.Source("grey", "'grey:<level>'", lambda spec: spec.startswith("grey:"), trains=True,
+                        sets_size=False, channels=(3,), load=grey)
+    monkeypatch.setattr(sources, "SOURCES", (*sources.SOURCES, entry))
+    out = data.load("grey:7", 8, num=2)
+    assert out.shape == (2, 8, 8, 3) and (out == 7).all()
+    assert data.check_trainable("grey:7").name == "grey"
+    with pytest.raises(ValueError, match=r"^--data x: expected .*, a .npy file, or 'grey:<level>'$"):
+        data.check_trainable("x")

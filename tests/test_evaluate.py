@@ -12,7 +12,7 @@ import scipy.stats
 
 from ddpm_jax import cli
 from ddpm_jax import evaluate as ev
-from ddpm_jax.images import load_images
+from ddpm_jax.data import load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,11 @@ def test_pyramid_matches_progan_scipy_reference(size, levels):
 def test_pyramid_reconstructs_image():
     x = make_images(4, size=64, seed=4)
     pyramid = ev.laplacian_pyramid(x, 4)
-    np.testing.assert_allclose(ev.reconstruct_laplacian_pyramid(pyramid), x, atol=1e-3)
+    # Inverse of the construction: upsample the residual with our pyr_up and add the levels back.
+    images = pyramid[-1]
+    for level in pyramid[-2::-1]:
+        images = ev.pyr_up(images) + level
+    np.testing.assert_allclose(images, x, atol=1e-3)
     # Independently: sum of every level brought up to full size with the reference upsampler.
     total = np.zeros(x.shape, np.float32)
     for level in pyramid:
@@ -277,8 +281,8 @@ def test_cli_embedded_seeds(capsys):
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (64, 64, 32)
     assert record["swd"] < 1e-6  # same seed: the same images
-    held_out = load_images("embedded", 32, num=64, embedded_seed=6)
-    train = load_images("embedded", 32, num=64, embedded_seed=5)
+    held_out = load("embedded", 32, num=64, embedded_seed=6)
+    train = load("embedded", 32, num=64, embedded_seed=5)
     assert held_out.shape == (64, 32, 32, 3) and not np.array_equal(held_out, train)
     assert ev.swd(train, held_out)["swd"] < ev.swd(train, _blur(held_out, 2.0))["swd"]
 
@@ -315,8 +319,32 @@ def test_cli_folder_with_embedded_defaults_to_32(tmp_path, capsys):
     assert cli.evaluate_main(["--real", str(folder), "--fake", "embedded", "--num", "4", "--fake-seed", "3"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["num_real"], record["num_fake"], record["image_size"]) == (4, 4, 32)
-    expected = ev.swd(load_images(str(folder), 32, num=4), load_images("embedded", 32, num=4, embedded_seed=3))
+    expected = ev.swd(load(str(folder), 32, num=4), load("embedded", 32, num=4, embedded_seed=3))
     assert record["swd"] == pytest.approx(expected["swd"])
     proc = _cli("--real", "embedded", "--fake", str(folder), "--num", "8")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["image_size"] == 32
+
+
+def test_compare_from_python_sizes_both_sets_by_the_one_that_keeps_its_own(tmp_path, real, fake):
+    """evaluate.compare is ddpm-evaluate's record: a file sets the size, whichever side it is on; a folder and the
+    embedded tiles follow it."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(make_images(6, size=48, seed=9)):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    np.savez(tmp_path / "fake.npz", images=fake[:16, :16, :16])
+    record = ev.compare(str(folder), str(tmp_path / "fake.npz"), seed=2)
+    assert (record["num_real"], record["num_fake"], record["image_size"]) == (6, 16, 16)
+    resized, file = load(str(folder), 16), fake[:16, :16, :16]
+    expected = ev.swd(resized, file, seed=2)
+    assert record["swd"] == pytest.approx(expected["swd"])
+    assert record["levels"] == {str(res): pytest.approx(v) for res, v in expected["levels"].items()}
+    assert record["colour_w1"] == pytest.approx(ev.colour_distance(resized, file)["colour_w1"])
+    tiles = ev.compare("embedded", str(tmp_path / "fake.npz"), num=8, real_seed=4)
+    assert (tiles["num_real"], tiles["image_size"]) == (8, 16)
+    assert tiles["swd"] == pytest.approx(ev.swd(load("embedded", 16, num=8, embedded_seed=4), file[:8])["swd"])
+    with pytest.raises(ValueError, match=r"--image-size must be >= 1, got 0"):
+        ev.compare("embedded", "embedded", image_size=0)

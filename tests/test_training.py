@@ -21,9 +21,10 @@ from PIL import Image
 
 from ddpm_jax import cli, train_state, training, workdirs
 from ddpm_jax.checkpoints import load_model
-from ddpm_jax.config import TrainConfig, validate
+from ddpm_jax.config import TrainConfig
 from ddpm_jax.convert import to_torch_state
 from ddpm_jax.errors import TrainingError
+from ddpm_jax.validation import validate
 from conftest import TINY, TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,9 +320,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
         (["--eta", "1.5"], "--eta 1.5: expected a number in [0, 1]"),
         (["--lr-decay", "step"], "argument --lr-decay: invalid choice: 'step'"),
         (["--timesteps", "10"], "--schedule linear with --timesteps 10"),
-        (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: expected an image folder"),
+        (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: expected 'embedded' (the built-in RGB "
+                                            "tiles), an image folder, or a .npy file"),
         (["--grad-clip", "-1"], "--grad-clip -1.0: expected a non-negative number"),
-        (["--channels", "1"], "--channels 1: expected 3 with the embedded tiles, which are RGB"),
+        (["--channels", "1"], "--channels 1: expected 3 with 'embedded' (the built-in RGB tiles)"),
         (["--channels", "2"], "argument --channels: invalid choice: 2"),
         (["--seed", "-1"], "--seed -1: expected a non-negative integer"),
         (["--adam-b2", "1.5"], "--adam-b2 1.5: expected a number in [0, 1)"),

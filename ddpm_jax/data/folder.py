@@ -122,7 +122,7 @@ def load_image_folder(path, image_size: int, *, channels: int | None = None, str
     channels=1 to its luma, EXIF orientation applied, resized so the shorter side is `image_size` (bilinear,
     antialiased, as torchvision `Resize(image_size)`), centre-cropped (torchvision `CenterCrop`). Smaller images
     are upscaled, with one warning for all of them. channels=None: 1 when every readable image is grayscale,
-    else 3 (`grayscale_folder` says which).
+    else 3.
 
     Unreadable files (corrupt, truncated, empty, not an image, decompression bombs beyond Pillow's
     `Image.MAX_IMAGE_PIXELS`, directories named like images) are skipped with a warning each and a
@@ -167,15 +167,25 @@ def load_image_folder(path, image_size: int, *, channels: int | None = None, str
     return images
 
 
-def grayscale_folder(path, image_size: int, *, cache_dir=None) -> bool:
-    """Whether every readable image under `path` is grayscale (Pillow modes 1, L, LA, I, F, I;16): from a cache's
-    record where one exists, else from the files' headers."""
-    root = Path(path)
-    files = list_images(root)[0]
-    return _all_grayscale(files, cache.paths(root, files, image_size, cache_dir) if files else None)
+def common_size(folder) -> int:
+    """The side of the square images of `folder` when they all have one size (read from the headers)."""
+    sizes = set()
+    for path in list_images(Path(folder))[0]:
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except OSError:
+            continue  # load_image_folder reports unreadable files
+    if len(sizes) == 1 and len({*next(iter(sizes))}) == 1:
+        return next(iter(sizes))[0]
+    seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) or "none readable"
+    raise ValueError(f"{folder}: its images are not all one square size ({seen}); "
+                     f"pass --image-size to resize them to one")
 
 
 def _all_grayscale(files: list[Path], caches: dict[int, Path] | None) -> bool:
+    """Whether every readable image is grayscale (Pillow modes 1, L, LA, I, F, I;16): from a cache's record where
+    one exists, else from the files' headers."""
     for path in (caches or {}).values():
         with contextlib.suppress(Exception):  # no cache, or a damaged one: the headers say it
             return bool(cache.read_record(path)["all_gray"])
