@@ -1,4 +1,5 @@
-# make train / make test: each creates .venv (Python 3.11, the pinned CPU build of torch) when it is missing or
+# make train / make test: each creates .venv (Python 3.11, the pinned CPU build of torch, which the test extra's
+# torch>=2.4 then accepts instead of PyPI's CUDA build, and the package with its test extras) when it is missing or
 # pyproject.toml changed, then trains on the embedded data or runs the suite. Extra flags: make train ARGS="--steps 100".
 PYTHON ?= python3.11
 VENV := .venv

@@ -5,7 +5,7 @@ first, so that the modules after them fill in on whichever process is free."""
 
 import pytest
 
-_TRAINER = ("tests/test_training.py", "tests/test_robustness.py")
+_TRAINER = ("tests/test_training.py", "tests/test_robustness.py", "tests/test_without_torch.py")
 
 
 def _unit(nodeid: str) -> str:

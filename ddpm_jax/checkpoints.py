@@ -1,5 +1,5 @@
 """The one reader and writer of the project's weights on disk: a run's Orbax checkpoints, model directories,
-and `load_model`, which reads every format a user may hold (torch files through convert.py).
+and `load_model`, which reads every format a user may hold (.pt and .safetensors files through convert.py).
 
     <workdir>/checkpoints/<step>/{params,ema,opt_state}   a training run's state (workdirs.py has the layout)
     <model dir>/model.json + params/                     one model: its ModelConfig and its parameters
@@ -11,6 +11,7 @@ previous checkpoint as the latest.
 import dataclasses
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ddpm_jax import workdirs
+from ddpm_jax import convert, workdirs
 from ddpm_jax.config import ModelConfig, read_json
 from ddpm_jax.train_state import TrainState
 from ddpm_jax.unets import build_model
@@ -61,9 +62,9 @@ def _not_for_users(record: logging.LogRecord) -> bool:
 
 def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     """Orbax's PyTree handler for each item; on a CPU, one replica writes each array. There Orbax by default
-    splits the writing of a replicated array over its replicas, with one eager slice per array and replica: with
-    one JAX device per core on 2 cores, a save of the tests' small U-Net took 3.0 s that way and 1.25 s without
-    (profiled on a 2-core Intel Xeon). The files are the same either way. Elsewhere Orbax's default stays."""
+    splits the writing of a replicated array over its replicas, with one eager slice per array and replica,
+    which made a save with one JAX device per core much slower (docs/perf/decisions.md). The files are the same
+    either way. Elsewhere Orbax's default stays."""
     arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False if jax.default_backend() == "cpu" else None)
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=ocp.type_handlers.create_type_handler_registry(
         (jax.Array, arrays), (np.ndarray, ocp.type_handlers.NumpyHandler()),
@@ -164,8 +165,6 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
     """
     path = Path(path)
     if not path.is_dir():
-        from ddpm_jax import convert  # torch files only: the converter imports torch
-
         state = convert.unet_state_from_checkpoint(convert.read_weights_file(path), ema=ema, source=str(path))
         config = convert.infer_config(state, str(path))  # a torch file cannot hold the time embedding's theta
         return convert.load_torch_state(build_model(config, dtype=dtype), state, str(path)), config
@@ -185,13 +184,31 @@ def load_model(path, *, ema: bool = True, dtype=None) -> tuple[nnx.Module, Model
         config = workdirs.read_config(workdir).model_config
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    step, item = int(path.name) if step_folder else steps[-1], "ema" if ema else "params"
+    item = "ema" if ema else "params"
+    if step_folder:
+        return _read_step(workdir, int(path.name), item, config, dtype), config
+    # A live run's rotation may delete the newest checkpoint while it is read here. Where the run has moved on (the
+    # checkpoint is gone, or a newer one is complete), the newest complete one is read instead; a checkpoint that
+    # fails while it is still there and the newest is damaged: an error.
+    step = steps[-1]
+    while True:
+        try:
+            return _read_step(workdir, step, item, config, dtype), config
+        except CheckpointError:
+            steps = workdirs.saved_steps(workdir)
+            if not steps or (step in steps and steps[-1] == step):
+                raise
+        warnings.warn(f"{workdir}: the checkpoint of step {step} was deleted or superseded while it was read (the "
+                      f"run's rotation); reading step {steps[-1]}")
+        step = steps[-1]
 
+
+def _read_step(workdir: Path, step: int, item: str, config: ModelConfig, dtype) -> nnx.Module:
     def read(abstract):
         with manager(workdir, create=False) as checkpoints:
             return checkpoints.restore(step, args=ocp.args.Composite(**{item: _restore_args(abstract)}))[item]
 
-    return _restore_params(build_model(config, dtype=dtype), read, f"{workdir} (step {step}, {item})"), config
+    return _restore_params(build_model(config, dtype=dtype), read, f"{workdir} (step {step}, {item})")
 
 
 def _read_model_dir(params_dir: Path, abstract):

@@ -8,6 +8,7 @@ the exit code says what kind it was:
        converted weights that failed their check (errors.VerificationError)
     2  bad input: a flag, a file, a config (ValueError, OSError; argparse's own usage errors too)
     128 + N  stopped by signal N after saving a checkpoint, as a shell reports a process that N ended
+    130  Ctrl-C at any other moment (before the training loop, or in any other command): one line, `interrupted`
 Warnings print as one line, `warning: <message>`. Each command imports the modules it needs when it runs.
 """
 
@@ -15,7 +16,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -33,17 +36,24 @@ def one_line_warnings() -> None:
     warnings.formatwarning = format_warning
 
 
-def _run(parser: argparse.ArgumentParser, command, argv) -> int:
-    """Parse `argv`, run `command(args)`, and turn what it raises into the exit code of the policy above."""
+def _run(make_parser, command, argv) -> int:
+    """Build the parser (`make_parser()`, which imports what its help needs), parse `argv`, run `command(args)`,
+    and turn what it raises into the exit code of the policy above."""
     one_line_warnings()
-    args = parser.parse_args(argv)
+    args = None
     try:
+        args = make_parser().parse_args(argv)
         command(args)
+    except KeyboardInterrupt:  # Ctrl-C where no signal handler is installed (the training loop has its own)
+        if args is not None and args.debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except StoppedBySignal as e:
         print(f"\n{e}", file=sys.stderr)
         return 128 + e.signum  # `train.py && ...` stops, as after a process the signal ended
     except (TrainingError, VerificationError, ValueError, OSError) as e:
-        if args.debug:
+        if args is None or args.debug:  # before parsing: an error in building the parser, not the user's
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, (TrainingError, VerificationError)) else 2
@@ -67,16 +77,36 @@ def _parse_mults(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
 
 
-def _flag_type(field: dataclasses.Field):
-    """The parser of a TrainConfig field's flag: its declared type, without None (`int | None` parses ints)."""
-    kinds = [kind for kind in typing.get_args(field.type) or (field.type,) if kind is not type(None)]
-    if len(kinds) != 1 or kinds[0] not in (int, float, str):
+# The parser of each type a TrainConfig field may declare; a bool field is the pair --x / --no-x instead.
+_FLAG_PARSERS = {int: int, float: float, str: str, tuple[int, ...]: _parse_mults}
+
+
+def _flag(field: dataclasses.Field) -> dict:
+    """add_argument's keywords for a TrainConfig field's flag, from its declared type without None (`int | None`
+    parses ints): a parser of _FLAG_PARSERS, or for a bool --x (True) / --no-x (False), which take no value. Any
+    other type is an error here, never a guess at run time."""
+    declared = field.type
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        kinds = [kind for kind in typing.get_args(declared) if kind is not type(None)]
+        declared = kinds[0] if len(kinds) == 1 else declared
+    if declared is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if declared not in _FLAG_PARSERS:
         raise TypeError(f"TrainConfig.{field.name}: its flag needs a parser for {field.type}")
-    return kinds[0]
+    return {"type": _FLAG_PARSERS[declared]}
+
+
+def _sampler_help() -> tuple[str, str]:
+    """(each sampler and what it does, each family's default sampler): --sampler's help, from diffusion's registry."""
+    from ddpm_jax import diffusion
+
+    return ("; ".join(f"{name}: {entry.help}" for name, entry in diffusion.SAMPLERS.items()),
+            ", ".join(f"{name} for {family.upper()} models" for family, name in diffusion.DEFAULT_SAMPLERS.items()))
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from ddpm_jax.config import CHOICES, PRESETS, TrainConfig
+    from ddpm_jax.config import PRESETS, TrainConfig
+    from ddpm_jax.validation import CHOICES
 
     parser = _parser("train.py", "Train the article's DDPM U-Net with JAX on the embedded dataset or an image "
                      "folder. Run it again on the same --workdir to resume from the latest checkpoint.")
@@ -88,14 +118,17 @@ def train_parser() -> argparse.ArgumentParser:
     def shown(value):
         return ",".join(map(str, value)) if isinstance(value, tuple) else "unset" if value is None else value
 
+    samplers, family_defaults = _sampler_help()
     for field in dataclasses.fields(TrainConfig):
-        kind = _parse_mults if field.name == "dim_mults" else _flag_type(field)
         values = {name: shown(getattr(preset, field.name)) for name, preset in PRESETS.items()}
         defaults = (f"default: {values['default']}" if len(set(values.values())) == 1 else
                     "; ".join(f"{name} preset: {value}" for name, value in values.items()))
+        # The samplers are diffusion's registry, which config.py (data, without jax) does not import.
+        listed = f" (unset: {family_defaults}): {samplers}" if field.name == "sampler" else ""
         choices = CHOICES.get(field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, choices=choices and list(choices),
-                            default=None, help=f"{field.metadata['help']} ({defaults})")
+        parser.add_argument("--" + field.name.replace("_", "-"), **_flag(field), default=None,
+                            **({"choices": list(choices)} if choices else {}),
+                            help=f"{field.metadata['help']}{listed} ({defaults})")
     dist = parser.add_argument_group("multi-host (auto-detected on SLURM and Cloud TPU)")
     dist.add_argument("--coordinator", help="host:port of process 0 for jax.distributed.initialize")
     dist.add_argument("--num-processes", type=int, help="total number of processes")
@@ -131,7 +164,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def train_main(argv=None) -> int:
-    return _run(train_parser(), _train, argv)
+    return _run(train_parser, _train, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,18 +173,16 @@ def train_main(argv=None) -> int:
 
 def sample_parser() -> argparse.ArgumentParser:
     from ddpm_jax import diffusion
-    from ddpm_jax.config import CHOICES
     from ddpm_jax.sample import DEFAULTS
+    from ddpm_jax.validation import CHOICES
 
     parser = _parser("ddpm-sample", "Sample images from any checkpoint: a training workdir, a model directory, a "
                      "torch .pt.")
     parser.add_argument("--checkpoint", required=True, help="a training workdir, a checkpoints/<step> folder, "
                         "a model directory (convert to-flax) or a torch .pt/.pth")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--sampler", help="; ".join(f"{name}: {entry.help}" for name, entry in
-                                                    diffusion.SAMPLERS.items()) +
-                        " (default: the run's, else " + ", ".join(f"{name} for {family.upper()} models" for family, name
-                                                                  in diffusion.DEFAULT_SAMPLERS.items()) + ")")
+    samplers, family_defaults = _sampler_help()
+    parser.add_argument("--sampler", help=f"{samplers} (default: the run's, else {family_defaults})")
     parser.add_argument("--steps", type=int, help=f"steps of ddim, the DPM-Solvers and EDM's samplers (default: the "
                         f"run's, else {DEFAULTS.sampling_steps}; ddpm always runs T)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1]: 0 deterministic, 1 fresh noise at every step "
@@ -208,7 +239,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def sample_main(argv=None) -> int:
-    return _run(sample_parser(), _sample, argv)
+    return _run(sample_parser, _sample, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,9 +266,10 @@ def convert_parser() -> argparse.ArgumentParser:
     for command in (to_flax, to_torch):
         command.add_argument("--no-ema", dest="ema", action="store_false",
                              help="from a checkpoint with EMA weights, take the raw weights")
-        command.add_argument("--no-verify", dest="verify", action="store_false",
-                             help="skip the check: the PyTorch reference U-Net and the Flax U-Net run on random inputs "
-                             "with the converted weights, and the command fails if they differ by more than 1e-4")
+        command.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                             help="check what was written: the PyTorch reference U-Net and the Flax U-Net run on "
+                             "random inputs with the converted weights, and the command fails if they differ by more "
+                             "than 1e-4 (default: check where torch is installed; --verify without it is an error)")
     return parser
 
 
@@ -247,6 +279,10 @@ def _convert(args: argparse.Namespace) -> None:
     from ddpm_jax.config import ModelConfig
 
     out = Path(args.output)
+    verify = convert.torch_available() if args.verify is None else args.verify
+    if verify and not convert.torch_available():
+        raise ValueError(f"--verify: the check runs the PyTorch reference U-Net, and PyTorch is not installed: "
+                         f"{convert.INSTALL_TORCH} (or --no-verify)")
     if args.command == "to-flax" and out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; expected a directory for {MODEL_JSON} and {PARAMS_DIR}/")
     if args.command == "to-torch" and out.is_dir():
@@ -280,27 +316,21 @@ def _convert(args: argparse.Namespace) -> None:
                          f"the reference DiffusionModel samples eps models only")
     print(f"wrote {out} ({config.variant}, dim={config.dim}, dim_mults={list(config.dim_mults)}, "
           f"prediction={config.prediction}{''.join('; ' + n for n in notes)})", flush=True)
-    if not args.verify:
+    if not verify:
+        if args.verify is None:
+            print(f"not verified: the check runs the PyTorch reference U-Net, and PyTorch is not installed "
+                  f"({convert.INSTALL_TORCH})")
         return
-    # What was written, read back: the Flax model of the directory against the reference holding the weights it
-    # came from; or the reference holding the written file against the Flax model it came from.
-    if args.command == "to-flax":
-        flax_model, torch_state = load_model(out)[0], convert.to_torch_state(model)
-    else:
-        written = convert.read_weights_file(out)
-        flax_model, torch_state = model, convert.unet_state_from_checkpoint(written, source=str(out))
-    worst = convert.verify(flax_model, convert.reference_unet(config, torch_state))
-    if not worst <= convert.VERIFY_TOLERANCE:
-        raise VerificationError(f"{out}: with the converted weights, the Flax U-Net and the PyTorch reference differ "
-                                f"by up to {worst:.2e} on random inputs, above the tolerance of "
-                                f"{convert.VERIFY_TOLERANCE:g} (the file is kept for inspection; --no-verify skips "
-                                "this check)")
+    try:
+        worst = convert.check_written(out, model, config)
+    except VerificationError as e:
+        raise VerificationError(f"{e}; --no-verify skips this check") from None
     print(f"verified: the Flax U-Net and the PyTorch reference differ by at most {worst:.1e} on random inputs "
           f"(tolerance {convert.VERIFY_TOLERANCE:g})")
 
 
 def convert_main(argv=None) -> int:
-    return _run(convert_parser(), _convert, argv)
+    return _run(convert_parser, _convert, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,40 +367,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from ddpm_jax.evaluate import colour_distance, swd
-    from ddpm_jax.images import load_images
+    from ddpm_jax.evaluate import compare
 
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
-    specs = {"real": (args.real, args.real_seed), "fake": (args.fake, args.fake_seed)}
-    image_size, sets = args.image_size, {}
-
-    def kind(spec: str) -> int:  # .npz files set the size; 'embedded' follows it, else 32; folders follow
-        return 2 if os.path.isdir(spec) else 1 if spec == "embedded" else 0
-
-    for name in sorted(specs, key=lambda k: kind(specs[k][0])):
-        spec, embedded_seed = specs[name]
-        size = args.image_size if kind(spec) == 0 else image_size
-        sets[name] = load_images(spec, size, num=args.num, embedded_seed=embedded_seed, float_range=args.float_range)
-        if image_size is None:
-            image_size = sets[name].shape[1]
-    real, fake = sets["real"], sets["fake"]
-    if real.shape[1:] != fake.shape[1:]:
-        raise ValueError(
-            f"--real {args.real} has images of shape {real.shape[1:]} but --fake {args.fake} has "
-            f"{fake.shape[1:]}; expected the same (use --image-size to resize folders)"
-        )
-    result = swd(real, fake, seed=args.seed)
-    record = {
-        "swd": result["swd"],
-        "levels": {str(res): v for res, v in result["levels"].items()},
-        **colour_distance(real, fake),
-        "num_real": int(real.shape[0]),
-        "num_fake": int(fake.shape[0]),
-        "image_size": int(real.shape[1]),
-    }
-    print(json.dumps(record))
+    print(json.dumps(compare(args.real, args.fake, image_size=args.image_size, num=args.num, seed=args.seed,
+                             real_seed=args.real_seed, fake_seed=args.fake_seed, float_range=args.float_range)))
 
 
 def evaluate_main(argv=None) -> int:
-    return _run(evaluate_parser(), _evaluate, argv)
+    return _run(evaluate_parser, _evaluate, argv)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ddpm_jax import diffusion, runtime
 from ddpm_jax.checkpoints import load_model, recorded_config
-from ddpm_jax.config import TrainConfig, check_image_size, check_schedule
+from ddpm_jax.config import TrainConfig, check_image_size
+from ddpm_jax.schedules import check_schedule
 from ddpm_jax.workdirs import run_config
 
 DEFAULTS = TrainConfig()  # the settings used where a checkpoint has no run config beside it
@@ -55,10 +56,10 @@ def sample_checkpoint(checkpoint, num: int, *, sampler: str | None = None, steps
         prediction=recorded.prediction if recorded else prediction or "eps",
         edm=recorded.edm_constants if recorded else diffusion.EDM(), **edm_settings)
     noise_schedule = check_schedule(schedule or run.schedule, timesteps)
-    if is_file and prediction is None:
+    model, _ = load_model(checkpoint, ema=ema)
+    if is_file and prediction is None:  # said once the file has loaded: an unreadable one is its error alone
         print(f"{checkpoint} records no prediction target: sampling it as eps, the article's (--prediction x0|v|edm "
               f"for a model trained otherwise)", file=sys.stderr)
-    model, _ = load_model(checkpoint, ema=ema)
     check_image_size(image_size, len(model.downs))
     batch_sharding = runtime.replicate_for_sampling(model, num)
     images = diffusion.sample(model, noise_schedule, jax.random.key(seed), num, image_size, settings,

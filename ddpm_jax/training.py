@@ -17,10 +17,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoints, data, diffusion, images, runtime, workdirs
-from ddpm_jax.config import TrainConfig, validate
+from ddpm_jax.config import TrainConfig
 from ddpm_jax.errors import StoppedBySignal, TrainingError
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.train_state import TrainState, initial_state, jit_train_step, make_optimizer
+from ddpm_jax.validation import sampler_settings, validate
 
 
 def train(config: TrainConfig, workdir, *, progress: bool = True, strict: bool = False) -> TrainState:
@@ -43,7 +44,7 @@ def _train(config: TrainConfig, schedule: Schedule, workdir: Path, progress: boo
     if config.channels is None and (workdir / workdirs.CONFIG_JSON).is_file():  # a resumed run keeps its own
         config = dataclasses.replace(config, channels=workdirs.read_config(workdir).channels)
     num = config.embedded_size if config.data == data.EMBEDDED_NAME else None
-    dataset = images.load_images(config.data, config.image_size, num=num, strict=strict, channels=config.channels)
+    dataset = data.load(config.data, config.image_size, num=num, strict=strict, channels=config.channels)
     if config.channels is None:
         config = dataclasses.replace(config, channels=dataset.shape[-1])
         if config.channels == 1 and is_writer:
@@ -266,7 +267,7 @@ class GridSampler:
             workdir, config, graphdef, schedule, board)
         self.key = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)
         self.sharding = runtime.sample_sharding(config.num_samples)
-        self.settings = config.sampler_settings()
+        self.settings = sampler_settings(config)
 
     def __call__(self, state: TrainState) -> None:
         c = self.config

@@ -75,8 +75,12 @@ def prepare(workdir: Path, config: TrainConfig, is_writer: bool) -> None:
                 f"Pass --steps {steps[-1]} or more to resume it, or use a new --workdir."
             )
     if is_writer:
+        # Written beside and renamed over, so that a run stopped at any moment (Ctrl-C, kill -9) leaves the old
+        # file or the new one, never half of one, and the same command starts or resumes from it.
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_JSON).write_text(config.to_json())
+        partial = workdir / f"{CONFIG_JSON}.{os.getpid()}"
+        partial.write_text(config.to_json())
+        os.replace(partial, workdir / CONFIG_JSON)
 
 
 def lock(workdir: Path) -> Path:

@@ -195,6 +195,61 @@ def test_mismatches_are_listed_together(tmp_path):
         assert key in message
 
 
+# How a reference U-Net is saved from inside each wrapper, and the prefix every key of the U-Net gets.
+WRAPPERS = {
+    "DataParallel": (lambda unet: torch.nn.DataParallel(unet), "module.", "DataParallel / DistributedDataParallel"),
+    "torch.compile": (lambda unet: torch.compile(unet), "_orig_mod.", "torch.compile"),
+    "DiffusionModel of a compiled U-Net": (lambda unet: DiffusionModel(torch.compile(unet), 8, timesteps=10),
+                                           "_orig_mod.", "torch.compile"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile's
+@pytest.mark.parametrize("wrapper,suffix", [(wrapper, suffix) for wrapper in list(WRAPPERS)[:2]
+                                             for suffix in (".pt", ".safetensors")] + [(list(WRAPPERS)[2], ".pt")])
+def test_wrapper_prefixes_are_stripped_with_a_one_line_note(tmp_path, wrapper, suffix):
+    """DataParallel / DDP and torch.compile prefix every key; to-flax and ddpm-sample read such a file and say so."""
+    from safetensors.torch import save_file
+
+    from ddpm_jax.cli import sample_main
+
+    wrap, prefix, who = WRAPPERS[wrapper]
+    unet = _unet("OneResUNet", dim=8, dim_mults=(1,))
+    wrapped = wrap(unet)
+    state = wrapped.state_dict()
+    inner = "model." if isinstance(wrapped, DiffusionModel) else ""
+    assert {k for k in state if k.startswith(inner)} == {inner + prefix + k for k in unet.state_dict()}
+    path = tmp_path / f"wrapped{suffix}"
+    (torch.save if suffix == ".pt" else save_file)(state, path)
+    note = re.escape(f"{path}: stripped the key prefix {prefix!r} that {who} adds")
+    with pytest.warns(UserWarning, match=note) as caught:
+        assert main(["to-flax", str(path), str(tmp_path / "flax"), "--no-verify"]) == 0
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    _assert_same_weights(unet.state_dict(), to_torch_state(load_model(tmp_path / "flax")[0]))
+    with pytest.warns(UserWarning, match=note):
+        assert sample_main(["--checkpoint", str(path), "--num", "1", "--image-size", "8", "--timesteps", "100",
+                            "--steps", "2", "--out", str(tmp_path / "sample.png")]) == 0
+    assert (tmp_path / "sample.png").is_file()
+
+
+def test_another_prefix_keeps_the_message_and_names_the_prefix(tmp_path):
+    from ddpm_jax.config import ModelConfig
+    from ddpm_jax.convert import load_torch_state
+    from ddpm_jax.unets import build_model
+
+    unet = _unet("TwoResUNet", dim=8, dim_mults=(1, 2))
+    torch.save({f"net.{k}": v for k, v in unet.state_dict().items()}, tmp_path / "net.pt")
+    with pytest.raises(ConversionError) as info:
+        load_model(tmp_path / "net.pt")
+    assert str(info.value) == (
+        f"{tmp_path / 'net.pt'}: cannot infer the U-Net architecture, key 'init_conv.weight' is missing (expected a "
+        "state_dict of the article's OneResUNet/TwoResUNet/AttentionUNet); every key starts with 'net.'")
+    state = {f"net.{k}": v.numpy() for k, v in unet.state_dict().items()}
+    with pytest.raises(ConversionError) as info:
+        load_torch_state(build_model(ModelConfig(variant="TwoResUNet", dim=8, dim_mults=(1, 2))), state)
+    assert "missing keys" in str(info.value) and str(info.value).endswith("every key of state_dict starts with 'net.'")
+
+
 def test_not_a_unet(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ConversionError, match="init_conv.weight"):

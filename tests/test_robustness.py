@@ -1,5 +1,6 @@
 """Robustness: unusable image folders and --debug at the CLIs, a full disk while saving, kill -9 while training
-as a checkpoint is being written (real processes, real signals)."""
+as a checkpoint is being written, Ctrl-C at start-up (real processes, real signals), Ctrl-C in every command, and
+sampling a run whose rotation deletes the checkpoint being read."""
 
 import errno
 import json
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import cli
-from ddpm_jax.convert import ConversionError
+from ddpm_jax.convert import ConversionError, to_torch_state
 from ddpm_jax.data import DataError
 from conftest import TINY_FLAGS
 from test_training import ROOT, _max_diff, _run, _weights
@@ -198,3 +199,76 @@ def test_kill_9_during_training_resumes_from_the_newest_complete_checkpoint(trai
     resumed = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()[logged:]]
     assert resumed[0]["steps_per_s"] is None and resumed[0]["images_per_s"] is None
     assert all(m["steps_per_s"] > 0 and m["images_per_s"] > 0 for m in resumed[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ctrl-C, and sampling a live run.
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_130_and_the_same_command_then_runs(tmp_path, monkeypatch, capsys):
+    """Ctrl-C once the workdir is prepared (config.json written, the lock taken) and before the training loop,
+    whose own handler saves first: one line, 130, no checkpoint, and the same command then runs to the end. The
+    interrupt is raised where the start-up builds the initial state, so the moment is the same on every machine
+    (a real SIGINT sent on seeing config.json can arrive after the loop's handler is installed)."""
+    from ddpm_jax import training
+
+    workdir = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--workdir", str(workdir), "--steps", "8"]  # = TINY, whose programs the session has
+    build = training.initial_state
+
+    def ctrl_c(*args, **kwargs):
+        assert (workdir / "config.json").is_file()  # the start-up had written the workdir
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "initial_state", ctrl_c)
+    assert cli.train_main(flags) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "\ninterrupted\n"
+    assert not (workdir / "checkpoints").exists() or _checkpoints(workdir) == ([], [])
+    monkeypatch.setattr(training, "initial_state", build)
+    assert cli.train_main(flags) == 0
+    assert "done: step 8" in capsys.readouterr().out and _checkpoints(workdir) == ([4, 8], [])
+
+
+@pytest.mark.parametrize("main,interrupted,argv", [
+    (cli.train_main, "ddpm_jax.training.train", TINY_FLAGS),
+    (cli.sample_main, "ddpm_jax.cli.sample_parser", []),  # while the parser is built (it imports jax)
+    (cli.sample_main, "ddpm_jax.sample.load_model", ["--checkpoint", "run"]),
+    (cli.convert_main, "ddpm_jax.checkpoints.load_model", ["to-flax", "unet.pt", "flax"]),
+])
+def test_ctrl_c_in_any_command_is_one_line_and_130(monkeypatch, capsys, tmp_path, main, interrupted, argv):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(interrupted, ctrl_c)
+    assert main(list(argv)) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "\ninterrupted\n"
+    if interrupted != "ddpm_jax.cli.sample_parser":  # --debug is known once the flags are parsed
+        with pytest.raises(KeyboardInterrupt):  # and then shows where it was
+            main(["--debug", *argv])
+
+
+def test_sampling_a_live_run_passes_over_the_checkpoint_its_rotation_deletes(tiny_run, tmp_path, monkeypatch):
+    """The newest checkpoint (8) is deleted, as a run's rotation does, just as it is read: the next newest complete
+    one (4) is read instead, with a one-line note. Once no newer one is left, a checkpoint that fails is an error."""
+    from ddpm_jax.checkpoints import CheckpointError, load_model
+
+    workdir = shutil.copytree(tiny_run[0], tmp_path / "run")
+    restore, deleted = ocp.CheckpointManager.restore, []
+
+    def rotated_away(self, step, *args, **kwargs):
+        if not deleted:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+            deleted.append(step)
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", rotated_away)
+    with pytest.warns(UserWarning, match=r"the checkpoint of step 8 was deleted or superseded while it was read "
+                                         r"\(the run's rotation\); reading step 4$"):
+        model, _ = load_model(workdir)
+    monkeypatch.undo()
+    assert deleted == [8]
+    assert _max_diff(_weights(tiny_run[0] / "checkpoints" / "4", ema=True), to_torch_state(model)) == 0.0
+    shutil.rmtree(workdir / "checkpoints" / "4" / "ema")  # damaged, and the newest: not passed over
+    with pytest.raises(CheckpointError, match="step 4, ema"):
+        load_model(workdir)
