@@ -193,7 +193,6 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from ddpm_jax import diffusion
     from ddpm_jax.images import grid
@@ -214,11 +213,7 @@ def figure(folder: Path, workdirs: Path, out: Path, tiles: int = 16) -> None:
             ax.set_title(f"{arm} (seed {seed}),\n{names[row]}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=90)
-    buffer.seek(0)
-    Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)  # a few hundred KB, not a MB
+    _save_png(fig, out, dpi=90)
 
 
 def sampler_figure(folder: Path, workdirs: Path, run: str, out: Path, tiles: int = 36) -> None:
@@ -228,7 +223,6 @@ def sampler_figure(folder: Path, workdirs: Path, run: str, out: Path, tiles: int
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from ddpm_jax.images import grid
 
@@ -242,9 +236,16 @@ def sampler_figure(folder: Path, workdirs: Path, run: str, out: Path, tiles: int
         ax.axis("off")
     fig.suptitle(f"{run}: the same x_T per sampler", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _save_png(fig, out, dpi=100)
+
+
+def _save_png(fig, out: Path, dpi: int) -> None:
+    """The figure as a 256-colour PNG: a few hundred KB, not a MB."""
+    from PIL import Image
+
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100)
+    fig.savefig(buffer, dpi=dpi)
     buffer.seek(0)
     Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)
 
