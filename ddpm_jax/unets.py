@@ -1,6 +1,7 @@
 """Flax NNX mirror of the reference's U-Nets (ddpm_torch/unets.py); NHWC, called as `model(x_BHWC, t_B)`."""
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 from flax import nnx
@@ -159,10 +160,14 @@ def build_model(config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=None
     # Every field but the variant, which picks the class, and the prediction and EDM constants, which say how its
     # input and output are read.
     kwargs = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("variant", "prediction", "edm")}
-
-    def make(r):
-        return UNETS[config.variant](**kwargs, rngs=r, dtype=dtype)
-
     if rngs is None:
-        return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-    return make(rngs)
+        return nnx.merge(*_abstract(config.variant, tuple(kwargs.items()), dtype), copy=True)  # its own Variables
+    return UNETS[config.variant](**kwargs, rngs=rngs, dtype=dtype)
+
+
+@functools.cache
+def _abstract(variant: str, kwargs: tuple, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """The graph and the shapes of a U-Net, traced once per architecture and process: the trace costs seconds, as
+    every parameter's initialiser is traced (flax's RNG counter asks each traced count for its sharding, and JAX
+    builds an error message for each, from the whole trace so far)."""
+    return nnx.split(nnx.eval_shape(lambda: UNETS[variant](**dict(kwargs), rngs=nnx.Rngs(0), dtype=dtype)))

@@ -232,6 +232,23 @@ def test_wrapper_prefixes_are_stripped_with_a_one_line_note(tmp_path, wrapper, s
     assert (tmp_path / "sample.png").is_file()
 
 
+def test_models_of_one_architecture_keep_their_own_weights(tmp_path):
+    """build_model traces an architecture's shapes once per process and hands out copies: a second model loaded
+    leaves the first one's weights as they were, and an abstract model built after both is still abstract."""
+    import jax
+    from flax import nnx
+
+    from ddpm_jax.config import ModelConfig
+    from ddpm_jax.unets import build_model
+
+    first, second = (_unet("TwoResUNet", seed, dim=8, dim_mults=(1, 2)) for seed in (0, 1))
+    models = [load_model(_saved(unet, tmp_path / f"{k}.pt"))[0] for k, unet in enumerate((first, second))]
+    _assert_same_weights(first.state_dict(), to_torch_state(models[0]))
+    _assert_same_weights(second.state_dict(), to_torch_state(models[1]))
+    abstract = build_model(ModelConfig(variant="TwoResUNet", dim=8, dim_mults=(1, 2)))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(abstract)))
+
+
 def test_another_prefix_keeps_the_message_and_names_the_prefix(tmp_path):
     from ddpm_jax.config import ModelConfig
     from ddpm_jax.convert import load_torch_state
