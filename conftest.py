@@ -1,7 +1,8 @@
 """`make test` runs the suite in two pytest-xdist processes (`-n 2`); this file gives xdist its units of work. One
-unit per test module, except that the trainer's tests (one tiny training run and its compiled programs between
-them) and the parity suite (its eager operations compile once per process) are one unit each. Those two go
-first, so that the modules after them fill in on whichever process is free."""
+unit per test module, except that the trainer's tests from the session's tiny run (that run and its compiled programs
+between them) and the parity suite (its eager operations compile once per process) are one unit each. Those two, and
+the runs of other configs (test_training_configs.py), go first, so that the modules after them fill in on whichever
+process is free."""
 
 import pytest
 
@@ -16,7 +17,8 @@ def _unit(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: {"trainer": 0, "parity": 1}.get(_unit(item.nodeid), 2))  # stable: file order within
+    first = {"trainer": 0, "tests/test_training_configs.py": 1, "parity": 2}
+    items.sort(key=lambda item: first.get(_unit(item.nodeid), 3))  # stable: file order within
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

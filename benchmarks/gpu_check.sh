@@ -119,9 +119,9 @@ step "profile_step.py, fp32" 100 \
 
 # 4. Bit-exact resume with XLA's deterministic GPU kernels.
 step "resume tests, --xla_gpu_deterministic_ops" 90 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py -k "bit_exact or extended_with_more_steps" \
-  --tb=short "${RESUME[@]}"
-grep -E "passed|failed|differ|Error|tests? collected|test_training.py::" "$LOG" | tail -n 20 >"$OUT/resume.log"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_training_configs.py \
+  -k "bit_exact or extended_with_more_steps" --tb=short "${RESUME[@]}"
+grep -E "passed|failed|differ|Error|tests? collected|test_training(_configs)?.py::" "$LOG" | tail -n 20 >"$OUT/resume.log"
 
 # 5. The parity suite with JAX on the GPU (torch on the CPU), in parallel where pytest-xdist is there.
 XDIST=()

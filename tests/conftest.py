@@ -23,6 +23,12 @@ TINY_FLAGS = [
     "--warmup-steps", "2", "--save-every", "4", "--sample-every", "1000", "--sampling-steps", "2",
     "--num-samples", "4", "--log-every", "2", "--embedded-size", "32", "--timesteps", "100", "--no-progress",
 ]
+# TINY with a constant learning rate, so that its train step does not depend on --steps, with another loss than the
+# default preset's (v unweighted, plus offset noise) and DDIM grids: the tests that extend, interrupt, prolong or
+# poison a run, and the one that follows an objective through to ddpm-sample, share its programs.
+CONSTANT = dataclasses.replace(TINY, lr_decay="constant", loss_weight="none", offset_noise=0.1, sampler="ddim")
+CONSTANT_FLAGS = [*TINY_FLAGS, "--lr-decay", "constant", "--loss-weight", "none", "--offset-noise", "0.1",
+                  "--sampler", "ddim"]
 
 
 # The train.py and ddpm-sample processes the tests start run on one device, as this process does, so that they

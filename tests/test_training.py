@@ -1,22 +1,20 @@
-"""The trainer: exact resume, device/process equivalence, EMA schedule, signals, errors, the CLI."""
+"""The trainer from TINY's run: exact resume, device/process equivalence, EMA schedule, errors, the CLI. Runs of
+other configs: test_training_configs.py."""
 
 import dataclasses
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 from PIL import Image
 
 from ddpm_jax import cli, train_state, training, workdirs
@@ -28,6 +26,8 @@ from ddpm_jax.validation import validate
 from conftest import TINY, TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def _weights(path, ema=False):
     return to_torch_state(load_model(path, ema=ema)[0])
 
@@ -72,30 +72,6 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     assert not (whole_dir / ".lock").exists()  # released at the end
 
 
-def test_a_finished_run_extended_with_more_steps_matches_one_run(tmp_path, monkeypatch):
-    """With a constant learning rate, 4 steps and then --steps 8 on the same workdir equals 8 in one go. Each
-    grid is drawn once: at every --sample-every step, and at the end only if that was not one."""
-    drawn = []
-    monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
-                        drawn.append(1) or sample(*a, **k))
-    config = dataclasses.replace(TINY, lr_decay="constant", sample_every=4)
-    whole = training.train(config, tmp_path / "whole", progress=False)
-    assert len(drawn) == 2 and sorted(p.name for p in (tmp_path / "whole" / "samples").iterdir()) == [
-        "step_000004.png", "step_000008.png"]
-    training.train(dataclasses.replace(config, steps=4), tmp_path / "split", progress=False)
-    _assert_same_state(whole, training.train(config, tmp_path / "split", progress=False))
-    assert len(drawn) == 4
-
-
-def test_loss_decreases_on_embedded_data(tmp_path):
-    # eps, unweighted: the article's objective (v's loss starts lower and falls less in 60 steps: 0.47 to 0.38).
-    config = dataclasses.replace(TINY, steps=60, lr_decay="constant", log_every=10, save_every=60, prediction="eps",
-                                 loss_weight="none")
-    training.train(config, tmp_path, progress=False)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < 0.75 * losses[0], losses
-
-
 def test_offset_noise_adds_one_gaussian_value_per_image_and_channel():
     """lucidrains' offset noise: the training noise plus S times one N(0, 1) value per image and channel."""
     from ddpm_jax.diffusion import training_noise
@@ -108,59 +84,6 @@ def test_offset_noise_adds_one_gaussian_value_per_image_and_channel():
     doubled = np.asarray(training_noise(key, shape, jnp.float32, 0.2)) - plain
     np.testing.assert_allclose(doubled, 2 * offset, atol=1e-6)
     assert 0.95 < plain.std() < 1.05
-
-
-def test_a_run_records_its_objective_and_its_grids_and_ddpm_sample_use_it(tmp_path, monkeypatch):
-    """v prediction with min-SNR weighting and offset noise: config.json records them, and the trainer's grids and
-    ddpm-sample read the output as v."""
-    from ddpm_jax import diffusion
-    from ddpm_jax.sample import sample_checkpoint
-
-    drawn = []
-    monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
-                        drawn.append(a[5]) or sample(*a, **k))
-    config = dataclasses.replace(TINY, prediction="v", loss_weight="min-snr", snr_gamma=2.0, offset_noise=0.1,
-                                 save_every=8, sampler="ddim")
-    training.train(config, tmp_path, progress=False)
-    saved = workdirs.read_config(tmp_path)
-    assert (saved.prediction, saved.loss_weight, saved.snr_gamma, saved.offset_noise) == ("v", "min-snr", 2.0, 0.1)
-    assert [settings.prediction for settings in drawn] == ["v"]
-    monkeypatch.undo()
-    model, model_config = load_model(tmp_path)
-    assert model_config.prediction == "v"
-    images = sample_checkpoint(tmp_path, 4, steps=2, seed=5)
-    schedule = validate(config, 1)
-    for prediction, same in (("v", True), ("eps", False)):
-        settings = diffusion.sampler_settings("ddim", timesteps=100, steps=2, eta=config.eta, prediction=prediction)
-        expected = np.asarray(diffusion.sample(model, schedule, jax.random.key(5), 4, 16, settings))
-        assert np.array_equal(images, expected) == same
-
-
-def test_an_edm_run_records_its_constants_samples_with_heun_and_refuses_a_resume_that_changes_them(tmp_path,
-                                                                                                   monkeypatch):
-    from ddpm_jax import diffusion
-    from ddpm_jax.sample import sample_checkpoint
-
-    drawn = []
-    monkeypatch.setattr(training.diffusion, "sample", lambda *a, sample=training.diffusion.sample, **k:
-                        drawn.append(a[5]) or sample(*a, **k))
-    config = dataclasses.replace(TINY, prediction="edm", loss_weight="none", c_noise_scale=250.0, steps=4,
-                                 save_every=4)
-    training.train(config, tmp_path, progress=False)
-    assert [(s.sampler, s.prediction, s.edm.c_noise_scale) for s in drawn] == [("heun", "edm", 250.0)]
-    monkeypatch.undo()
-    model, model_config = load_model(tmp_path)
-    assert model_config.edm == {"sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2, "c_noise_scale": 250.0}
-    images = sample_checkpoint(tmp_path, 4, seed=5)  # the run's sampler (heun) and steps (2)
-    settings = diffusion.sampler_settings("heun", timesteps=100, steps=2, prediction="edm",
-                                          edm=diffusion.EDM(c_noise_scale=250.0))
-    expected = np.asarray(diffusion.sample(model, validate(config, 1), jax.random.key(5), 4, 16, settings))
-    assert np.array_equal(images, expected) and np.isfinite(images).all()
-    for change, message in [({"c_noise_scale": 1.0}, "--c-noise-scale 250.0 -> 1.0"),
-                            ({"sigma_data": 0.3}, "--sigma-data 0.5 -> 0.3"), ({"p_mean": -1.0}, "--p-mean -1.2 -> -1.0"),
-                            ({"p_std": 1.0}, "--p-std 1.2 -> 1.0"), ({"prediction": "v"}, "--prediction edm -> v")]:
-        with pytest.raises(TrainingError, match=f"different model or objective .*{message}"):
-            training.train(dataclasses.replace(config, steps=8, **change), tmp_path, progress=False)
 
 
 def test_ema_follows_ema_pytorch_schedule():
@@ -269,47 +192,11 @@ def test_a_dataset_four_times_the_memory_bound_trains_from_the_map(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["channels"] == 3
 
 
-def test_a_grayscale_folder_trains_one_channel_through_to_the_converter(tmp_path, capsys):
-    """Said in one line; config.json, the grid (a grayscale PNG), the checkpoint and the converter carry the one
-    channel; resuming with --channels 3 is refused, naming the flag."""
-    gray, run = tmp_path / "gray", tmp_path / "run"
-    gray.mkdir()
-    for k in range(6):
-        Image.fromarray(np.random.default_rng(k).integers(0, 256, (16, 16), np.uint8), "L").save(gray / f"{k}.png")
-    flags = [*TINY_FLAGS, "--steps", "8", "--data", str(gray), "--workdir", str(run)]
-    assert cli.train_main(flags) == 0
-    assert f"every image in {gray} is grayscale: training with --channels 1" in capsys.readouterr().out
-    assert json.loads((run / "config.json").read_text())["channels"] == 1
-    assert Image.open(run / "samples" / "step_000008.png").mode == "L"
-    model, config = load_model(run)
-    assert model.channels == config.channels == 1
-    assert cli.train_main([*flags, "--steps", "9", "--channels", "3"]) == 1
-    assert "different model or objective (--channels 1 -> 3)" in capsys.readouterr().err
-    # Without the flag a resumed run keeps its channel count, though the folder is no longer all grayscale.
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(gray / "colour.png")
-    assert cli.train_main(flags) == 0, capsys.readouterr().err
-    assert cli.convert_main(["to-torch", str(run), str(tmp_path / "unet.safetensors"), "--no-verify"]) == 0
-    weights = safetensors.numpy.load_file(tmp_path / "unet.safetensors")  # the torch layout: (out, in, kh, kw)
-    assert weights["init_conv.weight"].shape[1] == weights["final_conv.weight"].shape[0] == 1
-
-
 def test_ddpm_sampler_ignores_sampling_steps():
     """--sampling-steps is a DDIM setting: with --sampler ddpm, the default 100 may exceed a small --timesteps."""
     validate(dataclasses.replace(TINY, sampler="ddpm", timesteps=50, sampling_steps=100), 1)
     with pytest.raises(ValueError, match=r"--sampling-steps 100: expected at most the 50 diffusion steps \(--timesteps\)"):
         validate(dataclasses.replace(TINY, sampler="ddim", timesteps=50, sampling_steps=100), 1)
-
-
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path):
-    workdir = shutil.copytree(tiny_run[0], tmp_path / "run")  # TINY's checkpoints of steps 4 and 8
-    good = _weights(workdir)
-    exploding = dataclasses.replace(TINY, steps=40, save_every=2, lr=1e12, weight_decay=0.0)
-    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+; .* \(step 8\)"):
-        training.train(exploding, workdir, progress=False)
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
-    assert _max_diff(good, _weights(workdir)) == 0.0
-    with pytest.raises(TrainingError, match="non-finite loss at step .* No checkpoint had been saved yet"):
-        training.train(dataclasses.replace(exploding, save_every=100), tmp_path / "fresh", progress=False)
 
 
 @pytest.mark.parametrize(
@@ -417,39 +304,6 @@ def test_two_processes_of_two_devices_match_one_device(tiny_run, tmp_path):
     # The final sample grid (in a multi-process run, drawn on one device): the same images, up to rounding.
     grids = [np.asarray(Image.open(run / "samples" / "step_000008.png"), np.int16) for run in (one_dir, tmp_path / "procs")]
     assert np.abs(grids[0] - grids[1]).max() <= 1
-
-
-def test_sigterm_saves_then_exits_143_and_resume_finishes(tmp_path):
-    # A constant learning rate: --steps then stays out of the program, and the resumed run reuses the compiled one.
-    flags = [*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", "100000", "--save-every", "100000", "--lr-decay",
-             "constant"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err  # as a shell reports it: `train.py && ...` stops
-    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 4 and f"stopped by SIGTERM at step {saved[0]}" in err
-    resumed = _run([*TINY_FLAGS, "--workdir", str(tmp_path), "--steps", str(saved[0] + 2), "--lr-decay", "constant"])
-    assert resumed.returncode == 0, resumed.stderr
-    # Without a progress bar the run prints a line of metrics every --log-every steps, and where its results are.
-    assert re.search(rf"^step {saved[0] + 2}/{saved[0] + 2}  loss \d\.\d{{4}}  grad_norm .* img/s$", resumed.stdout, re.M)
-    assert f"done: step {saved[0] + 2}; samples in {tmp_path / 'samples'}" in resumed.stdout
-    assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == saved[0] + 2
-
-
-def test_bf16_trains_finite(tmp_path):
-    config = dataclasses.replace(TINY, steps=2, save_every=2, precision="bf16")
-    state = training.train(config, tmp_path, progress=False)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    model, _ = load_model(tmp_path, dtype=jnp.bfloat16)
-    assert jax.eval_shape(lambda x, t: model(x, t), jnp.zeros((1, 16, 16, 3)), jnp.array([5])).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("batch_size", [4, 3])
