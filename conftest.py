@@ -1,12 +1,15 @@
 """`make test` runs the suite in two pytest-xdist processes (`-n 2`); this file gives xdist its units of work. One
 unit per test module, except that the trainer's tests from the session's tiny run (that run and its compiled programs
-between them) and the parity suite (its eager operations compile once per process) are one unit each. Those two, and
-the runs of other configs (test_training_configs.py), go first, so that the modules after them fill in on whichever
-process is free."""
+between them) and the parity suite (its eager operations compile once per process) are one unit each. The longest
+units go first, longest first, so that the short modules after them fill in on whichever process is free and neither
+process is left with a long unit at the end."""
 
 import pytest
 
 _TRAINER = ("tests/test_training.py", "tests/test_robustness.py", "tests/test_without_torch.py")
+# The units of a minute or more in one process, longest first (as `pytest --durations=0` ranks them).
+_LONGEST_FIRST = {unit: rank for rank, unit in enumerate(
+    ["trainer", "parity", "tests/test_training_configs.py", "tests/test_sample.py", "tests/test_gpu_check.py"])}
 
 
 def _unit(nodeid: str) -> str:
@@ -17,8 +20,8 @@ def _unit(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    first = {"trainer": 0, "tests/test_training_configs.py": 1, "parity": 2}
-    items.sort(key=lambda item: first.get(_unit(item.nodeid), 3))  # stable: file order within
+    rank = len(_LONGEST_FIRST)  # the rest after them, in file order (the sort is stable)
+    items.sort(key=lambda item: _LONGEST_FIRST.get(_unit(item.nodeid), rank))
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

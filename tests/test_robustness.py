@@ -162,13 +162,13 @@ def _kill_9_when(proc, condition, what, log):
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
-def test_a_damaged_latest_checkpoint_is_a_clear_error(trained, tmp_path):
+def test_a_damaged_latest_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     workdir = shutil.copytree(trained, tmp_path / "run")
     shutil.rmtree(workdir / "checkpoints" / "4" / "opt_state")
-    result = _run([*TINY_FLAGS, "--workdir", str(workdir), "--steps", "8"])
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"cannot restore the checkpoint of step 4 in {workdir / 'checkpoints'}" in result.stderr
-    assert f"Move {workdir / 'checkpoints' / '4'} away to start afresh" in result.stderr
+    assert cli.train_main([*TINY_FLAGS, "--workdir", str(workdir), "--steps", "8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot restore the checkpoint of step 4 in {workdir / 'checkpoints'}"), err
+    assert f"Move {workdir / 'checkpoints' / '4'} away to start afresh" in err and "Traceback" not in err, err
 
 
 def test_kill_9_during_training_resumes_from_the_newest_complete_checkpoint(trained, tmp_path):
@@ -189,8 +189,7 @@ def test_kill_9_during_training_resumes_from_the_newest_complete_checkpoint(trai
     assert _max_diff(_weights(workdir), _weights(workdir / "checkpoints" / str(last))) == 0.0
     logged = len(_logged_steps(workdir))
 
-    result = _run([*TINY_FLAGS, "--workdir", str(workdir), *command])
-    assert result.returncode == 0, result.stderr
+    assert cli.train_main([*TINY_FLAGS, "--workdir", str(workdir), *command]) == 0  # the same command, resumed
     complete, half_written = _checkpoints(workdir)
     assert complete == [6, 7, 8] and half_written == []  # Orbax replaced the half-written folder
     # Resumed at `last`, not at 0: each step after it is logged again (every step saves, and logs as it does).
