@@ -279,8 +279,10 @@ def _convert(args: argparse.Namespace) -> None:
     from ddpm_jax.config import ModelConfig
 
     out = Path(args.output)
-    verify = convert.torch_available() if args.verify is None else args.verify
-    if verify and not convert.torch_available():
+    verify = args.verify
+    if verify is None:  # check where torch is installed
+        verify = convert.torch_available()
+    elif verify and not convert.torch_available():
         raise ValueError(f"--verify: the check runs the PyTorch reference U-Net, and PyTorch is not installed: "
                          f"{convert.INSTALL_TORCH} (or --no-verify)")
     if args.command == "to-flax" and out.exists() and not out.is_dir():

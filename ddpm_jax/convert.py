@@ -58,10 +58,10 @@ def torch_available() -> bool:
 
 def _torch(needed_for: str, instead: str = ""):
     """The torch module, imported where it is needed; without it, a ConversionError naming what needed it."""
-    if not torch_available():
-        raise ConversionError(f"{needed_for} needs PyTorch, which is not installed: {INSTALL_TORCH}{instead}")
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{needed_for} needs PyTorch, which is not installed: {INSTALL_TORCH}{instead}") from None
     return torch
 
 
