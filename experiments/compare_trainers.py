@@ -1,6 +1,6 @@
 """Does the JAX trainer learn what the PyTorch reference learns? And how good are its samples?
 
-    python experiments/compare_trainers.py [--steps 2000] [--num 256] [--out runs/compare] [--report docs/quality]
+    python experiments/compare_trainers.py --steps 3000 --sampler ddim --sampling-steps 100   # docs/quality.md's
 
 1. Trains the default preset (`python train.py`'s config) with the JAX trainer, and with a minimal
    PyTorch loop over the reference `DiffusionModel` (ddpm_torch.training.train_step): the same
@@ -8,12 +8,14 @@
    same order (ddpm_jax.data.get_batch), the same AdamW, warm-up, clipping and EMA schedule. Each side
    draws its own timesteps and noise from its own generator, so agreement is statistical, not bitwise.
 2. Scores both EMA models on held-out tiles (embedded seed 1, never trained on): the loss on a fixed set
-   of (image, t, noise) triples, and the SWD of --num DDIM samples (each trainer's own sampler) against
-   --num held-out tiles, for --sample-sets sets of samples per trainer (their spread is the SWD's noise).
+   of (image, t, noise) triples, and the SWD of --num samples (--sampler and --sampling-steps, each trainer's own
+   implementation: the reference has DDIM and DDPM) against --num held-out tiles, for --sample-sets sets of samples
+   per trainer (their spread is the SWD's noise).
    The baseline is --num training tiles against the same held-out tiles. SWD standardises each set, so
    the colour distance of the same sets (`colour_distance`) is recorded beside it.
 3. For the JAX model, DDIM at 10/25/50/100 steps against DDPM-1000: SWD and wall time.
-4. Writes `results.json`, `loss.png` and sample grids to --report.
+4. Writes `results.json` (with the machine, the versions and the command), `loss.png` and sample grids to
+   --report: 64 tiles of each trainer, and 16 of each at 4x beside 16 held-out tiles.
 
 Every stage is cached in --out: run it again after an interruption and it continues where it stopped
 (the JAX run resumes from its checkpoint; the PyTorch run restarts).
@@ -23,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,9 +43,11 @@ from ddpm_jax.data import embedded_dataset, get_batch
 from ddpm_jax.evaluate import colour_distance, swd
 from ddpm_jax.images import to_uint8
 from ddpm_jax.schedules import make_schedule
-from ddpm_jax.validation import sampler_settings
 from ddpm_torch import UNETS, DiffusionModel
 from ddpm_torch.training import train_step as torch_train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_objectives import machine as jax_machine  # noqa: E402  (the CPU, the cores, the commit, the versions)
 
 HELD_OUT_SEED = 1  # the training tiles are embedded seed 0
 SAMPLE_SEED = 7  # of the first sample set of each trainer (the others: 8, 9, ...)
@@ -52,6 +57,9 @@ SAMPLERS = [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddim", 100), ("ddpm", 10
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the default preset's)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                   help="the sampler scored on both sides, and the JAX run's grids' (default ddim)")
+    p.add_argument("--sampling-steps", type=int, default=100, help="DDIM's steps (default 100; DDPM runs all T)")
     p.add_argument("--num", type=int, default=256, help="images per set for SWD and the held-out loss (default 256)")
     p.add_argument("--sample-sets", type=int, default=6,
                    help="sample sets per trainer for the SWD (seeds 7, 8, ...), to show its spread (default 6)")
@@ -186,8 +194,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     runtime.enable_compilation_cache()
     # The PyTorch loop learns the article's objective: eps, unweighted.
-    config = dataclasses.replace(PRESETS["default"], prediction="eps", loss_weight="none")
-    config = dataclasses.replace(config, sampler=sampler_settings(config).sampler)  # the family's default, named
+    config = dataclasses.replace(PRESETS["default"], prediction="eps", loss_weight="none", sampler=args.sampler,
+                                 sampling_steps=args.sampling_steps)
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps, save_every=min(config.save_every, args.steps),
                                      sample_every=args.steps)
@@ -199,6 +207,9 @@ def main(argv=None) -> None:
     config_json = json.loads(json.dumps(dataclasses.asdict(config)))
     if results.setdefault("config", config_json) != config_json:
         raise SystemExit(f"{results_path} was made with another config; use another --out")
+    results["command"] = " ".join(["python", "experiments/compare_trainers.py", *(argv or sys.argv[1:])])
+    results["machine"] = jax_machine()
+    results["machine"]["versions"]["torch"] = torch.__version__
 
     images = embedded_dataset(config.embedded_size, config.image_size, seed=0)
     held_out = embedded_dataset(args.num, config.image_size, seed=HELD_OUT_SEED)
@@ -295,8 +306,8 @@ def main(argv=None) -> None:
     grid_png(jax_x[:64], args.report / "samples_jax.png")
     grid_png(torch_x[:64], args.report / "samples_torch.png")
     grid_png(held_out[:64], args.report / "held_out.png")
-    for name, x in (("held_out", held_out), ("samples_jax", jax_x)):  # 16 of each at 3x, to judge the detail
-        grid_png(x[:16], args.report / f"{name}_zoom.png", zoom=3)
+    for name, x in (("held_out", held_out), ("samples_jax", jax_x), ("samples_torch", torch_x)):
+        grid_png(x[:16], args.report / f"{name}_zoom.png", cols=4, zoom=4)  # 16 of each at 4x, to judge the detail
     plot_losses(curves, args.report / "loss.png", config.log_every)
 
     # 3. Samplers: DDIM at several step counts against DDPM-1000, on the JAX EMA model.
@@ -310,7 +321,7 @@ def main(argv=None) -> None:
 
         cached(results, f"sampler_{sampler}{n}", results_path, score)
     if not args.skip_ddpm:
-        grid_png(jax_samples("ddpm", 1000)[0][:64], args.report / "samples_jax_ddpm1000.png")
+        grid_png(jax_samples("ddpm", 1000)[0][:16], args.report / "samples_jax_ddpm1000_zoom.png", cols=4, zoom=4)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     (args.report / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
