@@ -182,6 +182,37 @@ def plot_loss(records: Path, out: Path, steps: int, seed: int) -> None:
     study._save_png(fig, out, dpi=100)
 
 
+def grid_figure(records: Path, workdirs: Path, out: Path, seed: int, sampler: str = "sde-dpmsolver++ 20",
+                tiles: int = 16, zoom: int = 3) -> None:
+    """16 held-out tiles, then 16 samples of each length's run of training `seed` (the first sample set of
+    `sampler`, the same x_T for every length), each pixel drawn zoom x zoom, titled with the run's SWD."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ddpm_jax.data import load
+    from ddpm_jax.images import grid
+
+    panels = [("held-out tiles", grid(load("embedded", 32, num=tiles, embedded_seed=study.HELD_OUT_SEED) / 255.0))]
+    for steps, runs in points(records).items():
+        path = study._samples_path(workdirs / f"steps{steps}_seed{seed}", sampler)
+        r = next((r for r in runs if r["seed"] == seed), None)
+        if r is not None and path.is_file():
+            swd = statistics.mean(s["swd"] for s in r["scores"][sampler])
+            panels.append((f"{steps:,} steps: SWD {swd:.1f}", grid(np.load(path)[:tiles] / 255.0)))
+    size = panels[0][1].shape[0] * zoom
+    font = ImageFont.load_default(size=16)
+    cols = 3
+    rows = -(-len(panels) // cols)
+    figure = Image.new("RGB", (cols * (size + 16) + 16, rows * (size + 40) + 16), "white")
+    draw = ImageDraw.Draw(figure)
+    for i, (title, pixels) in enumerate(panels):
+        x, y = 16 + (i % cols) * (size + 16), 16 + (i // cols) * (size + 40)
+        draw.text((x, y), title, fill="black", font=font)
+        figure.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (x, y + 24))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.quantize(256).save(out, optimize=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, help="train (or resume) and score a run of this many steps")
@@ -195,6 +226,8 @@ def main(argv=None) -> None:
     p.add_argument("--loss-plot", type=Path, help="write the PNG of the loss curves of --loss-run")
     p.add_argument("--loss-run", nargs=2, type=int, default=(4500, 0), metavar=("STEPS", "SEED"),
                    help="the run whose loss curves --loss-plot draws (default: 4500 0, the default run)")
+    p.add_argument("--grid-figure", type=Path,
+                   help="write a PNG of held-out tiles and 16 samples (SDE-DPM-Solver++ 20) of each length of --seed")
     args = p.parse_args(argv)
     if args.steps:
         run(args)
@@ -204,6 +237,8 @@ def main(argv=None) -> None:
         plot_swd(args.records, args.plot)
     if args.loss_plot:
         plot_loss(args.records, args.loss_plot, *args.loss_run)
+    if args.grid_figure:
+        grid_figure(args.records, args.workdirs, args.grid_figure, args.seed)
 
 
 if __name__ == "__main__":
