@@ -89,6 +89,126 @@ def mean(values) -> float:
 
 # -- docs/training.md --
 
+OBJECTIVES = "docs/training/objectives"
+
+
+def objective_swds(root: Path, arm: str, sampler: str, key: str = "swd") -> list[float]:
+    """Per training seed (in seed order), the mean over its sample sets of `key`, for one arm and sampler."""
+    runs = sorted((record(root, f"{OBJECTIVES}/{p.name}") for p in (root / OBJECTIVES).glob(f"{arm}_seed*.json")),
+                  key=lambda r: r["seed"])
+    return [mean(s[key] for s in r["scores"][sampler]) for r in runs if r["arm"] == arm]
+
+
+def spread(values) -> float:
+    return max(values) - min(values)
+
+
+def f1(value: float) -> str:
+    return f"{value:.1f}"
+
+
+SDE, ODE = "sde-dpmsolver++ 20", "dpmsolver++ 20"
+
+
+@check("docs/training.md")
+def objectives_table(root):
+    import compare_objectives
+
+    return compare_objectives.table(folder(root, OBJECTIVES))
+
+
+@check("docs/training.md")
+def objectives_default(root):
+    vm = {s: objective_swds(root, "v+min-snr", s) for s in (SDE, ODE)}
+    eps = {s: objective_swds(root, "eps", s) for s in (SDE, ODE)}
+    v = {s: objective_swds(root, "v", s) for s in (SDE, ODE)}
+    gains = [mean(eps[s]) - mean(vm[s]) for s in (SDE, ODE)]
+    paired = {s: [a - b for a, b in zip(v[s], vm[s])] for s in (SDE, ODE)}
+    return quote("The default preset learns v with Min-SNR-5", f1(mean(vm[SDE])), f1(mean(eps[SDE])),
+                 f1(mean(vm[ODE])), f1(mean(eps[ODE])), *map(f1, gains), f1(spread(vm[SDE])), f1(spread(eps[SDE])),
+                 f1(spread(vm[ODE])), f1(spread(eps[ODE])), *map(f1, paired[SDE] + paired[ODE]),
+                 *(f1(mean(v[s]) - mean(vm[s])) for s in (SDE, ODE)), f1(spread(vm[SDE])), f1(spread(vm[ODE])),
+                 f1(spread(v[SDE])), f1(spread(v[ODE])))
+
+
+@check("docs/training.md")
+def objectives_deterministic(root):
+    def ratio(arm):
+        return f"{mean(objective_swds(root, arm, ODE)) / mean(objective_swds(root, arm, SDE)):.2f}x"
+
+    return quote("The deterministic sampler is as good as the stochastic one", ratio("v+min-snr"), ratio("eps"))
+
+
+@check("docs/training.md")
+def objectives_data_ratio(root):
+    data = mean(record(root, f"{OBJECTIVES}/{p.name}")["scoring"]["data_against_data_swd"]
+                for p in (root / OBJECTIVES).glob("v+min-snr_seed*.json"))
+
+    def ratio(arm, sampler):
+        return f"{mean(objective_swds(root, arm, sampler)) / data:.2f}x"
+
+    return quote("1.5x the data-against-data SWD:", ratio("v+min-snr", ODE), ratio("v+min-snr", SDE),
+                 ratio("v", ODE), ratio("v", SDE), ratio("eps", ODE), ratio("eps", SDE))
+
+EDM_SAMPLERS = ("euler 20 churn", "heun 9", "heun 5", "heun 18", "heun 9 churn")
+
+
+@check("docs/training.md")
+def objectives_edm(root):
+    euler, heun18 = objective_swds(root, "edm", "euler 20 churn"), objective_swds(root, "edm", "heun 18")
+    c250_euler = objective_swds(root, "edm+c250", "euler 20 churn")
+    default = [x for sampler in (SDE, ODE) for x in objective_swds(root, "v+min-snr", sampler)]
+    edm_all = [x for arm in ("edm", "edm+c250") for sampler in EDM_SAMPLERS for x in objective_swds(root, arm, sampler)]
+    colours = {(arm, sampler): mean(objective_swds(root, arm, sampler, "colour_w1"))
+               for arm in ("edm", "edm+c250") for sampler in EDM_SAMPLERS}
+    heun18_colour = colours.pop(("edm", "heun 18"))
+    return quote("EDM does not beat the default", f1(mean(euler)), *map(f1, euler), f1(min(c250_euler)),
+                 f1(max(c250_euler)), f1(mean(heun18)), *map(f1, heun18),
+                 f1(mean(objective_swds(root, "v+min-snr", SDE))), f1(mean(objective_swds(root, "v+min-snr", ODE))),
+                 f1(min(default)), f1(max(default)), f1(min(edm_all)), f1(heun18_colour), f1(min(colours.values())),
+                 f1(max(colours.values())),
+                 f1(mean(objective_swds(root, "v+min-snr", SDE, "colour_w1"))),
+                 f1(mean(objective_swds(root, "v+min-snr", ODE, "colour_w1"))))
+
+
+@check("docs/training.md")
+def objectives_c_noise(root):
+    one = {sampler: objective_swds(root, "edm", sampler) for sampler in EDM_SAMPLERS}
+    c250 = {sampler: objective_swds(root, "edm+c250", sampler) for sampler in EDM_SAMPLERS}
+    seed0 = ("euler 20 churn", "heun 9", "heun 18", "heun 9 churn", "heun 5")
+    gaps = [abs(c250[sampler][0] - c250[sampler][1]) for sampler in EDM_SAMPLERS]
+    return quote("c_noise: the paper's scale 1 is kept",
+                 *(f1(x) for sampler in seed0 for x in (one[sampler][0], c250[sampler][0])),
+                 *(f1(x) for sampler in EDM_SAMPLERS for x in (one[sampler][1], c250[sampler][1])),
+                 f1(min(gaps)), f1(max(gaps)))
+
+
+@check("docs/training.md")
+def objectives_edm_targets(root):
+    data = mean(record(root, f"{OBJECTIVES}/{p.name}")["scoring"]["data_against_data_swd"]
+                for p in (root / OBJECTIVES).glob("edm*_seed*.json"))
+    best_sampler = min(mean(objective_swds(root, arm, sampler)) for arm in ("eps", "v", "x0", "v+min-snr")
+                       for sampler in (SDE, ODE))
+    per_run = [min(objective_swds(root, arm, sampler)[i] for sampler in EDM_SAMPLERS)
+               for arm, seeds in (("edm", 3), ("edm+c250", 2)) for i in range(seeds)]
+    heun = [objective_swds(root, "edm", sampler) for sampler in ("heun 5", "heun 9", "heun 18")]
+    return quote("EDM's targets were not reached:", f1(min(per_run)), f1(max(per_run)),
+                 f"{min(per_run) / best_sampler:.2f}", f"{max(per_run) / best_sampler:.2f}x", f1(best_sampler),
+                 f"{min(per_run) / data:.2f}", f"{max(per_run) / data:.2f}x",
+                 *(f1(heun[k][seed]) for seed in range(3) for k in range(3)),
+                 f1(heun[2][2]), f1(objective_swds(root, "edm", "euler 20 churn")[2]))
+
+
+@check("docs/training.md")
+def objectives_screen(root):
+    def first(arm, sampler):
+        return f1(objective_swds(root, arm, sampler)[0])
+
+    return quote("Rejected in the screen (seed 0):", first("v+min-snr+offset", SDE), first("v+min-snr+offset", ODE),
+                 first("v+min-snr", SDE), first("v+min-snr", ODE), first("eps+min-snr", SDE), first("eps", SDE),
+                 first("eps+min-snr", ODE))
+
+
 # -- docs/quality.md --
 
 # -- docs/sampling.md --
