@@ -217,6 +217,30 @@ def objectives_screen(root):
 
 # -- docs/convert.md --
 
+CONVERT = "docs/convert/article_checkpoint.json"
+
+
+@check("docs/convert.md")
+def convert_checkpoint(root):
+    r = record(root, CONVERT)
+    m, machine = r["model"], r["machine"]
+    texts = [f"U-Net ({m['variant']} dim {m['dim']}, dim_mults {','.join(map(str, m['dim_mults']))}, "
+             f"{m['parameters'] / 1e6:.1f}M parameters, seeded random weights;",
+             f"on a {machine['cores']}-core {machine['cpu']}, by `{r['command']}`"]
+    if "note" in machine:  # a shared machine: the page says so and quotes no wall time
+        texts.append("Other jobs were running on the machine, so the wall times the record holds are those of a "
+                     "shared machine and are not quoted here.")
+    return texts
+
+
+@check("docs/convert.md")
+def convert_table(root):
+    def short(x):  # 1.8e-06 as the page writes it: 1.8e-6
+        return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:.1e}")
+
+    return [f"| `{c['command']}` | {short(c['worst_difference'])} |" for c in record(root, CONVERT)["conversions"]]
+
+
 # -- docs/performance.md and docs/perf/ --
 
 
