@@ -19,6 +19,14 @@ def _unit(nodeid: str) -> str:
     return "parity" if path.startswith("parity_tests/") else path
 
 
+def pytest_addoption(parser):
+    """Here, not in parity_tests/conftest.py (which writes the record): a plain `pytest` reads options only from the
+    conftests it loads at start-up, and that one is not among them."""
+    parser.addoption("--parity-record", metavar="PATH",
+                     help="write the worst error per parity concern, the machine, the versions and the command "
+                          "to PATH (JSON), as docs/parity.md quotes them")
+
+
 def pytest_collection_modifyitems(items):
     rank = len(_LONGEST_FIRST)  # the rest after them, in file order (the sort is stable)
     items.sort(key=lambda item: _LONGEST_FIRST.get(_unit(item.nodeid), rank))

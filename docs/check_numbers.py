@@ -215,6 +215,112 @@ def objectives_screen(root):
 
 # -- docs/parity.md --
 
+PARITY = "docs/parity/worst_errors.json"
+
+
+def parity_worst(root: Path, *concerns: str) -> str:
+    """The worst error over the record's `concerns`, as docs/parity.md writes it: 2.4e-7, 0."""
+    worst = max(record(root, PARITY)["concerns"][c]["worst"] for c in concerns)
+    mantissa, exponent = f"{worst:.1e}".split("e")
+    return "0" if worst == 0 else f"{mantissa}e{int(exponent)}"
+
+
+def parity_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+@check("docs/parity.md")
+def parity_made_by(root):
+    r = record(root, PARITY)
+    versions = ", ".join(f"{name} {version}" for name, version in r["versions"].items())
+    return [f"made on a {r['machine']['cores']}-core {r['machine']['cpu']} ({versions}) by:", r["command"]]
+
+
+@check("docs/parity.md")
+def parity_tolerances(root):
+    def w(*concerns):
+        return parity_worst(root, *concerns)
+
+    return [
+        parity_row("schedules (betas in float64; 7 float32 coefficients), T in 1, 2, 10, 50, 100, 1000", "1e-7 abs",
+                   f"{w('schedule betas (float64)')} / {w('schedule coefficients')}"),
+        parity_row("q_sample", "1e-6 rel", w("q_sample")),
+        parity_row("losses l2 / l1 (shared x0, t, noise)", "1e-6 rel", f"{w('loss l2')} / {w('loss l1')}"),
+        parity_row("forward, 3 U-Nets x 2 configs (dim 8, 16 px; 2 and 4 levels) + TwoResUNet 1 -> 2 channels, 4 "
+                   "levels", "1e-5 max abs", w("forward")),
+        parity_row("`ddpm-convert`'s own check of its output, both directions (AttentionUNet 1 channel; TwoResUNet via "
+                   "`.safetensors`, held to the same limit, is not recorded)",
+                   "1e-5 max abs in the tests (the command's limit: 1e-4)", w("forward (ddpm-convert's check)")),
+        parity_row("loss gradients, every parameter, 3 U-Nets (l2), TwoResUNet (l1) and TwoResUNet (l2) with every "
+                   "depthwise-convolution formulation", "1e-4 rel (max abs err / max abs grad)",
+                   w("gradients (per parameter)")),
+        parity_row("one DDPM step at t = 0, 500, 999 (shared noise)", "1e-5 abs", w("DDPM step")),
+        parity_row("one DDIM step, eta = 0 and 1 (incl. the final step to x0)", "1e-5 abs",
+                   w("DDIM step eta=0", "DDIM step eta=1")),
+        parity_row("25 chained DDPM steps (shared noise)", "1e-4 abs", w("25 chained DDPM steps")),
+        parity_row("whole one-program samplers (DDPM 100 steps, DDIM 10) vs the reference loop, same noise",
+                   "1e-4 abs", w("whole ddpm sampler (scan)", "whole ddim sampler (scan)")),
+    ]
+
+
+@check("docs/parity.md")
+def parity_diffusers(root):
+    types = {"eps": "", "x0": " sample", "v": " v_prediction"}  # diffusers' prediction_type in the concern's name
+
+    def cells(sampler, predictions):
+        columns = ("vs diffusers (linear)", "vs float64 (cosine)",
+                   "vs diffusers (cosine), beyond diffusers' float32 error")
+        return [" / ".join(parity_worst(root, f"{sampler}{types[p]} {column}") for p in predictions)
+                for column in columns]
+
+    spacing = "at 10, 20, 50 steps; at 20 also \"leading\" and \"trailing\" spacing (linear)"
+    return [
+        parity_row(f"DPM-Solver++ (ODE) {spacing}", "eps", *cells("dpmsolver++", ["eps"])),
+        parity_row("DPM-Solver++ (ODE) at 20 steps", "x0 / v", *cells("dpmsolver++", ["x0", "v"])),
+        parity_row(f"SDE-DPM-Solver++ {spacing}", "eps", *cells("sde-dpmsolver++", ["eps"])),
+        parity_row("SDE-DPM-Solver++ at 20 steps", "x0 / v", *cells("sde-dpmsolver++", ["x0", "v"])),
+        parity_row("DDIM 50, eta 0", "eps / x0 / v", *cells("ddim eta=0", ["eps", "x0", "v"])),
+        parity_row("DDIM 50, eta 1", "eps / x0 / v", *cells("ddim eta=1", ["eps", "x0", "v"])),
+        parity_row("DDPM, all steps of T = 100", "eps / x0 / v", *cells("ddpm", ["eps", "x0", "v"])),
+        quote("Cosine: why a float64 reference", parity_worst(root, "dpmsolver++ vs float64 (cosine)")),
+    ]
+
+
+@check("docs/parity.md")
+def parity_training_targets(root):
+    losses = [c for c in record(root, PARITY)["concerns"] if c.startswith("loss ") and c.endswith(" vs float64")]
+    return [
+        parity_row("the v target, sqrt(abar) eps - sqrt(1 - abar) x0, against `DDPMScheduler.get_velocity` (linear, "
+                   "cosine)", "1e-6 rel", parity_worst(root, "v target vs diffusers get_velocity")),
+        parity_row("Min-SNR-5 weights per target (eps, x0, v) against the formula in float64 from the schedule's abar",
+                   "1e-6 (each weight's ratio)",
+                   parity_worst(root, "min-SNR-5 weights vs float64 (each weight's ratio)")),
+        parity_row("the loss of each target, unweighted (x0, v) and Min-SNR-5 (eps, x0, v), against float64 (same "
+                   "network output, x0, t, noise)", "1e-6 rel", parity_worst(root, *losses)),
+    ]
+
+
+@check("docs/parity.md")
+def parity_edm(root):
+    table_1 = [f"edm {c} vs Table 1 (float64)" for c in ("c_skip", "c_out", "c_in", "c_noise", "loss weight")]
+    return [
+        parity_row("c_skip, c_out, c_in, c_noise (scale 1 and 250), lambda(sigma), 101 sigmas in [0.002, 80]",
+                   "Table 1 in float64", "1e-6 rel", parity_worst(root, *table_1)),
+        parity_row("the training loss (log-normal sigma, noise and lambda replayed from the key)", "eq. 2 in float64",
+                   "1e-6 rel", parity_worst(root, "edm training loss vs the paper (float64)")),
+        parity_row("Karras noise levels, 2 to 40 steps", "eq. 5 in float64 / `EDMEulerScheduler.sigmas`",
+                   "1e-12 / 1e-6 rel", f"{parity_worst(root, 'karras sigmas vs eq. 5 (float64)')} / "
+                                       f"{parity_worst(root, 'karras sigmas vs diffusers')}"),
+        parity_row("Euler, 18 steps, no churn and the paper's churn (S_churn 40, S_tmin 0.05, S_tmax 50, S_noise "
+                   "1.003); 10 steps, S_churn 5", "`EDMEulerScheduler` (`sigma_schedule=\"karras\"`), same x_T and "
+                   "churn noise", "1e-5 abs", parity_worst(root, "edm euler vs diffusers EDMEulerScheduler",
+                                                            "edm euler churn vs diffusers EDMEulerScheduler")),
+        parity_row("Heun, 18 steps with and without the paper's churn (c_noise scale 1); 10 steps and 5 with S_churn 2 "
+                   "(scale 250)", "Algorithm 2 in float64", "1e-5 abs",
+                   parity_worst(root, "edm heun vs Algorithm 2 (float64)", "edm heun churn vs Algorithm 2 (float64)")),
+    ]
+
+
 # -- docs/convert.md --
 
 CONVERT = "docs/convert/article_checkpoint.json"

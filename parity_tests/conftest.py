@@ -1,5 +1,14 @@
 """Shared set-up of the parity suite: float32 everywhere, highest matmul precision, deterministic torch."""
 
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -84,8 +93,32 @@ def pytest_testnodedown(node, error):
         _record(concern, worst, tolerance, metric)
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, exitstatus):
     if _WORST:
         terminalreporter.section("parity: worst error per concern (float32, highest matmul precision)")
         for concern, (error, tolerance, metric) in sorted(_WORST.items()):
             terminalreporter.write_line(f"{concern:<34} {metric} {error:.2e}  (tolerance {tolerance:.0e})")
+    if path := terminalreporter.config.getoption("parity_record"):
+        _write_record(Path(path), int(exitstatus))
+        terminalreporter.write_line(f"parity: wrote {path}")
+
+
+def _write_record(path: Path, exitstatus: int) -> None:
+    """The figures docs/parity.md quotes, with what made them: another CPU or version rounds differently."""
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout.splitlines()
+        if line.startswith("Model name:")), platform.processor())
+    packages = ("jax", "jaxlib", "flax", "numpy", "torch", "diffusers")
+    record = {
+        "command": shlex.join([os.path.relpath(sys.executable), "-m", "pytest", *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpu": cpu, "cores": os.cpu_count()},
+        "versions": {"python": platform.python_version(), **{name: version(name) for name in packages}},
+        "exitstatus": exitstatus,
+        "concerns": {concern: {"worst": error, "tolerance": tolerance, "metric": metric}
+                     for concern, (error, tolerance, metric) in sorted(_WORST.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
