@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--config default|article|tiny] [--device cpu|gpu] [--precision fp32|bf16|both]
                                [--rounds 12] [--no-torch-compile] [--json F] [--md F] [--png F]
+    python benchmarks/bench.py --from-json F [--md F] [--png F]     # the table and chart of a saved record
 
 Peers, each in a worker process of its own with its framework's default threading, as users run them:
 
@@ -419,27 +420,61 @@ def markdown(summary: dict) -> str:
 
 
 def bar_chart(summary: dict, path: Path):
-    """Median JAX / peer ratio per row, with the min-max of the rounds as a whisker (PIL only)."""
-    from PIL import Image, ImageDraw
+    """Median JAX / peer time ratio per row as a bar, the min-max of the rounds as a whisker, on a ratio axis with a
+    line at 1.0 (PIL only, so that the GPU check needs no plotting library)."""
+    from PIL import Image, ImageDraw, ImageFont
 
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+        except TypeError:
+            return ImageFont.load_default()
+
+    text_font, small = font(15), font(13)
     rows = summary["ratios"]
-    width, bar_h, left = 900, 22, 430
-    height = 75 + int(bar_h * 1.5 * len(rows))
+    cfg, m = summary["config"], summary["machine"]
+    titles = [f"Time of JAX / time of peer: bench.py --config {cfg['name']} ({cfg['model']} dim {cfg['dim']}, "
+              f"mults {tuple(cfg['dim_mults'])}, {cfg['image_size']} px, batch {cfg['batch_size']})",
+              f"on {machine_name(m)}; bar: median of {summary['rounds']} alternating rounds, whisker: min-max; "
+              f"below 1.0 JAX is faster"]
+    width, bar_h, left, top_y = 1200, 22, 520, 70
+    step_y = int(bar_h * 1.5)
+    plot_w = width - left - 80
+    axis_y = top_y + step_y * len(rows)
+    height = axis_y + 60
+    hi = max(1.0, max(r["ratio"]["max"] for r in rows))
+    tick = next((t for t in (0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0) if hi / t <= 8),
+                10.0 ** math.ceil(math.log10(hi / 8)))  # about 8 ticks
+    hi = math.ceil(hi / tick) * tick
+    scale = plot_w / hi
+
+    def x_at(value):
+        return left + value * scale
+
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 8), markdown(summary).split("\n")[0][:150].replace("`", ""), fill="black")
-    draw.text((10, 26), "time JAX / peer: median of alternating rounds, whisker min-max (shorter is faster; line = 1.0)",
-              fill="gray")
-    top = max(1.0, max(r["ratio"]["max"] for r in rows))
-    scale = (width - left - 70) / top
+    for i, title in enumerate(titles):
+        draw.text((10, 8 + 22 * i), title, fill="black" if i == 0 else (70, 70, 70), font=text_font)
+    for k in range(round(hi / tick) + 1):  # the ratio axis: grid lines, ticks and their labels
+        v = k * tick
+        draw.line([x_at(v), top_y - 6, x_at(v), axis_y], fill=(225, 225, 225), width=1)
+        draw.line([x_at(v), axis_y, x_at(v), axis_y + 5], fill="black", width=1)
+        draw.text((x_at(v), axis_y + 8), f"{v:g}", fill="black", font=small, anchor="mt")
+    draw.line([left, axis_y, x_at(hi), axis_y], fill="black", width=1)
+    draw.text((left + plot_w / 2, axis_y + 28), "time JAX / time peer", fill="black", font=text_font, anchor="mt")
     for i, row in enumerate(rows):
-        y = 52 + i * bar_h * 1.5
+        y = top_y + i * step_y
         r = row["ratio"]
-        draw.text((10, y + 5), f"{WORKLOADS[row['workload']][:14]}: {row['label']}"[:70], fill="black")
-        draw.rectangle([left, y, left + r["median"] * scale, y + bar_h], fill=(46, 125, 50) if r["median"] < 1 else (198, 40, 40))
-        draw.line([left + r["min"] * scale, y + bar_h / 2, left + r["max"] * scale, y + bar_h / 2], fill="black", width=2)
-        draw.text((left + r["max"] * scale + 6, y + 5), f"{r['median']:.2f}x", fill="black")
-    draw.line([left + scale, 45, left + scale, height - 5], fill="black", width=1)
+        draw.text((10, y + bar_h / 2), f"{WORKLOADS[row['workload']]}: {row['label']}", fill="black", font=small,
+                  anchor="lm")
+        draw.rectangle([left, y, x_at(r["median"]), y + bar_h],
+                       fill=(46, 125, 50) if r["median"] < 1 else (198, 40, 40))
+        draw.line([x_at(r["min"]), y + bar_h / 2, x_at(r["max"]), y + bar_h / 2], fill="black", width=2)
+        for end in (r["min"], r["max"]):
+            draw.line([x_at(end), y + 5, x_at(end), y + bar_h - 5], fill="black", width=2)
+        draw.text((x_at(r["max"]) + 6, y + bar_h / 2), f"{r['median']:.2f}", fill="black", font=small, anchor="lm")
+    draw.line([x_at(1.0), top_y - 6, x_at(1.0), axis_y], fill="black", width=2)
+    draw.text((x_at(1.0) + 4, top_y - 8), "1.0: same time", fill="black", font=small, anchor="lb")
     img.save(path, optimize=True)
 
 
@@ -541,6 +576,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--md", type=Path, help="write the markdown table here")
     p.add_argument("--png", type=Path, help="write a bar chart of the ratios here")
+    p.add_argument("--from-json", type=Path, help="measure nothing: write --md and --png from this saved --json record")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.rounds < 1 or args.sample_steps < 1 or args.sample_steps > 1000:
@@ -560,10 +596,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    summary = run(args)
+    summary = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     table = markdown(summary)
     print(table)
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if args.md:
         args.md.write_text(table + "\n")

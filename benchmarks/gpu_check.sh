@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--dry-run]
 #
 #  1. set-up: the project on PYTHONPATH; any Python package the machine lacks installed from wheels in
-#     .whl/ (prepared beforehand: the GPU machines reach no package index), else a clear error;
+#     a .whl/ folder, if you put one there (for machines without a package index), else a clear error;
 #  2. bench.py on the article config, fp32 and bf16 with every peer (PyTorch eager, torch.compile, both
 #     under autocast bf16; torch.compile dropped with a note if it does not compile within --compile-cap),
 #     plus the train step with each depthwise formulation of ddpm_jax/depthwise.py forced;
@@ -94,7 +94,7 @@ if [ -n "$lacking" ] && ls .whl/*.whl >/dev/null 2>&1; then
   lacking=$(missing $NEEDED)
 fi
 if [ -n "$lacking" ]; then
-  echo "gpu_check.sh: $PY lacks $lacking; put their wheels in .whl/ (see /work/.library/device/README.md)" | tee -a "$LOG" >&2
+  echo "gpu_check.sh: $PY lacks $lacking; install them (e.g. pip install -e '.[cuda,test]'), or put their wheels in .whl/" | tee -a "$LOG" >&2
   echo "| set-up | $((SECONDS - START)) | failed: missing $lacking |" >>"$SUMMARY"; exit 1
 fi
 if [ "$DEVICE" = gpu ]; then

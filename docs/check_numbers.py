@@ -349,6 +349,279 @@ def convert_table(root):
 
 # -- docs/performance.md and docs/perf/ --
 
+PERF = "docs/performance.md"
+INTEL_RUNS = [f"docs/perf/bench_cpu_intel_fp32_run{i}.json" for i in (1, 2, 3, 4)]
+INTEL_SIX = "docs/perf/bench_cpu_intel.json"
+AMD_OBJECTIVES = "docs/perf/bench_cpu_amd_epyc_objectives.json"
+AMD_SEQUENTIAL = "docs/perf/bench_cpu_amd_epyc_sequential.json"
+H200 = {"fp32": "docs/perf/bench_gpu_h200_fp32_sequential.json",
+        "bf16": "docs/perf/bench_gpu_h200_bf16_sequential.json"}
+CONV_PATHS = "docs/perf/conv_paths_intel.json"
+BENCH_WORKLOADS = ("train_step", "forward", "sample_1000")
+
+
+def bench_row(rec: dict, workload: str, label: str = "JAX / PyTorch eager") -> dict:
+    return next(r for r in rec["ratios"] if r["workload"] == workload and r["label"] == label)
+
+
+def bench_ratio(rec: dict, workload: str, label: str = "JAX / PyTorch eager") -> float:
+    return bench_row(rec, workload, label)["ratio"]["median"]
+
+
+def ratio_text(ratio: dict) -> str:
+    return f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
+def span(values, fmt=".2f") -> str:
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
+def pct(x: float) -> str:
+    return f"{abs(x) * 100:.0f}%"
+
+
+def intel_runs(root):
+    return [record(root, p) for p in INTEL_RUNS]
+
+
+def runs_medians(root, workload):
+    return [bench_ratio(r, workload) for r in intel_runs(root)]
+
+
+def runs_spreads(root):
+    """Per workload, how far the four runs' medians differ: max / min - 1."""
+    return [max(m) / min(m) - 1 for m in (runs_medians(root, w) for w in BENCH_WORKLOADS)]
+
+
+def table_lines(md: str) -> str:
+    return "\n".join(line for line in md.splitlines() if line.startswith("|"))
+
+
+@check(PERF)
+def perf_versions(root):
+    def one(paths, get):
+        values = {json.dumps(get(record(root, p)), sort_keys=True) for p in paths}
+        return json.loads(values.pop()) if len(values) == 1 else {"jax": "the records disagree"}
+
+    cpu = one(INTEL_RUNS + [INTEL_SIX, AMD_OBJECTIVES], lambda r: r["machine"]["versions"])
+    gpu = one(H200.values(), lambda r: {"jax": r["config"]["jax"], "torch": r["config"]["torch"]})
+    return [quote("The CPU records are from", cpu["jax"], cpu["flax"], cpu["torch"], cpu["python"], gpu["jax"],
+                  gpu["torch"]),
+            quote("`docs/perf/bench_gpu_h200_fp32_sequential.json`: article config", gpu["torch"], gpu["jax"])]
+
+
+@check(PERF)
+def perf_intel_runs_table(root):
+    runs = intel_runs(root)
+    names = {"train_step": "train step", "forward": "forward", "sample_1000": "DDPM sampling"}
+    lines = ["| JAX / PyTorch eager, fp32 | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1)) + " |",
+             "|---|" + "---|" * len(runs),
+             "| alternating rounds | " + " | ".join(str(r["rounds"]) for r in runs) + " |"]
+    lines += [f"| {names[w]} | " + " | ".join(ratio_text(bench_row(r, w)["ratio"]) for r in runs) + " |"
+              for w in BENCH_WORKLOADS]
+    for who, key in (("PyTorch eager's", "peer_seconds"), ("JAX's", "jax_seconds")):
+        lines.append(f"| {who} train step, s | " + " | ".join(f"{bench_row(r, 'train_step')[key]:.3f}" for r in runs)
+                     + " |")
+    return "\n".join(lines)
+
+
+@check(PERF)
+def perf_intel_runs_summary(root):
+    torch_step = [bench_row(r, "train_step")["peer_seconds"] for r in intel_runs(root)]
+    spreads = runs_spreads(root)
+    return [quote("PyTorch's own train step took", *(f"{s:.3f}" for s in torch_step),
+                  pct(max(torch_step) / min(torch_step) - 1), f"{min(spreads) * 100:.0f}-{pct(max(spreads))}"),
+            quote("Over the four runs the medians are", *(span(runs_medians(root, w)) for w in BENCH_WORKLOADS),
+                  *map(pct, spreads)),
+            quote("The forward ratios of the four runs are", span(runs_medians(root, "forward")),
+                  span(runs_medians(root, "sample_1000")))]
+
+
+@check(PERF)
+def perf_intel_six_peer(root):
+    import bench
+
+    six = record(root, INTEL_SIX)
+    runs_jax = [bench_row(r, "train_step")["jax_seconds"] for r in intel_runs(root)]
+    peers = six["peers"]
+    eager, autocast = "JAX / PyTorch eager", "JAX bf16 / PyTorch eager, autocast bf16"
+    return [table_lines(bench.markdown(six)),
+            quote("The JAX train step's own time was", f"{bench_row(six, 'train_step')['jax_seconds']:.3f}",
+                  span(runs_jax, ".3f"), f"{bench_ratio(six, 'train_step'):.2f}"),
+            quote("Compiles: torch.compile's first step took", f"{peers['torch.compile']['first_step_seconds']:.0f}",
+                  f"{peers['torch.compile, autocast bf16']['first_step_seconds']:.0f}",
+                  f"{peers['JAX']['compile_seconds']:.1f}", f"{peers['JAX bf16']['compile_seconds']:.1f}",
+                  f"{peers['JAX']['compile_seconds_cached']:.1f}",
+                  f"{peers['JAX bf16']['compile_seconds_cached']:.1f}"),
+            quote("PyTorch's autocast runs oneDNN's AMX kernels", *(
+                f"{bench_row(six, w, eager)['peer_seconds'] / bench_row(six, w, autocast)['peer_seconds']:.1f}x"
+                for w in ("train_step", "forward")))]
+
+
+@check("docs/perf/bench_cpu_intel.md")
+def perf_intel_six_peer_md(root):
+    import bench
+
+    return bench.markdown(record(root, INTEL_SIX))
+
+
+@check("docs/perf/bench_cpu_amd_epyc_objectives.md")
+def perf_amd_objectives_md(root):
+    import bench
+
+    return bench.markdown(record(root, AMD_OBJECTIVES))
+
+
+def fp32_cached_compiles(root):
+    return [record(root, p)["peers"]["JAX"]["compile_seconds_cached"] for p in INTEL_RUNS + [INTEL_SIX]]
+
+
+@check(PERF)
+def perf_targets(root):
+    six, amd = record(root, INTEL_SIX), record(root, AMD_OBJECTIVES)
+    medians = {w: runs_medians(root, w) for w in BENCH_WORKLOADS}
+    train = medians["train_step"]
+    spreads = runs_spreads(root)
+    return [quote("| train step ≤ 0.8 |", span(train), f"{bench_ratio(six, 'train_step'):.2f}"),
+            quote("| forward ≤ 0.8 |", span(medians["forward"]), f"{bench_ratio(six, 'forward'):.2f}"),
+            quote("| sampling ≤ 0.8 |", span(medians["sample_1000"]), f"{bench_ratio(six, 'sample_1000'):.2f}"),
+            quote("| never above 1.0 on any x86 CPU |", f"{(min(train) - 1) * 100:.0f}-{pct(max(train) - 1)}",
+                  pct(bench_ratio(six, "train_step") - 1), pct(bench_ratio(amd, "train_step") - 1)),
+            quote("| runs within ±10% |", f"{min(spreads) * 100:.0f}-{pct(max(spreads))}",
+                  *(pct(bench_ratio(six, w) / mean(medians[w]) - 1) for w in BENCH_WORKLOADS)),
+            quote("| cached compile ≤ 5 s |", f"{span(fp32_cached_compiles(root), '.1f')} s",
+                  f"{record(root, INTEL_SIX)['peers']['JAX bf16']['compile_seconds_cached']:.1f} s")]
+
+
+@check(PERF)
+def perf_compile_time(root):
+    cold = [record(root, p)["peers"]["JAX"]["compile_seconds"] for p in INTEL_RUNS + [INTEL_SIX]]
+    return quote("In the five fp32 records on the Intel Xeon", f"{span(cold, '.1f')} s",
+                 f"{span(fp32_cached_compiles(root), '.1f')} s")
+
+
+@check(PERF)
+def perf_profile(root):
+    """The profile has no JSON: its table is profile_step.py's --md output, committed as
+    docs/perf/profile_cpu_intel.md."""
+    table = (root / "docs/perf/profile_cpu_intel.md").read_text()
+    share = {row.split("|")[1].strip().split(" ")[0]: row.split("|")[3].strip() for row in table.splitlines()
+             if row.startswith("| ") and row.split("|")[3].strip().endswith("%")}
+    return [table, quote("the depthwise 7x7 convolution (depthwise.py's", share["depthwise"]),
+            quote("- layout transposes of weights", share["layout"]),
+            quote("- the all-reduce between", share["all-reduce"]),
+            quote("- each device repeating the optimizer", share["outside"])]
+
+
+@check(PERF)
+def perf_layers(root):
+    rows = record(root, "docs/perf/layers_cpu_amd_epyc.json")["rows"]
+    row = next(r for r in rows if r["part"] == "depthwise 7x7" and r["level"] == 0)
+    return quote("PyTorch's depthwise backward is slow on CPU", f"{row['shape_BHWC'][1]} px",
+                 f"batch {row['shape_BHWC'][0]}", f"{row['torch_fwd_bwd_ms']:.1f} ms",
+                 f"{row['jax_fwd_bwd_ms']:.1f} ms")
+
+
+YNN, EIGEN = "YNNPACK (XLA's default)", "Eigen (training_compiler_options)"
+
+
+def conv_ms(row, path, kind):
+    return row[f"{path} | {kind} ms"]
+
+
+@check("docs/perf/conv_paths_intel.md")
+def perf_conv_paths_md(root):
+    """conv_paths.py's table, rendered from its record as the script renders it (the record has no rounds count)."""
+    import bench
+
+    rec = record(root, CONV_PATHS)
+    cfg, names = rec["config"], (YNN, EIGEN)
+    head = (f"`--config {cfg['name']}`, {rec['devices']} JAX devices (batch {cfg['batch_size'] // rec['devices']} "
+            f"each), on {bench.machine_name(rec['machine'])}; ms, medians of")
+    lines = ["| input (B, H, W, C) | kernel | count | " + " | ".join(f"{n}: fwd / fwd+bwd" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for row in rec["rows"]:
+        cells = " | ".join(f"{conv_ms(row, n, 'forward'):.2f} / {conv_ms(row, n, 'fwd+bwd'):.2f}" for n in names)
+        lines.append(f"| {tuple(row['lhs'])} | {tuple(row['kernel'][:2])} {row['kernel'][2]}->{row['kernel'][3]} "
+                     f"| {row['count']} | {cells} |")
+    lines.append("| **whole U-Net, per device** | | | " + " | ".join(
+        f"**{rec['totals_ms'][n]['forward']:.1f} / {rec['totals_ms'][n]['fwd+bwd']:.1f}**" for n in names) + " |")
+    return [head, "\n".join(lines)]
+
+
+@check(PERF)
+def perf_conv_paths(root):
+    rec = record(root, CONV_PATHS)
+    total = rec["totals_ms"]
+    rows = rec["rows"]
+    gain = [(r["lhs"][1], r["count"] * (conv_ms(r, YNN, "fwd+bwd") - conv_ms(r, EIGEN, "fwd+bwd"))) for r in rows]
+    worse = [r for r in rows if conv_ms(r, EIGEN, "fwd+bwd") > conv_ms(r, YNN, "fwd+bwd")]
+    rgb = [r for r in worse if r["lhs"][3] == 3]
+    rest = sorted((r for r in worse if r["lhs"][3] != 3), key=lambda r: r["lhs"][1])
+    words = {1: "one", 2: "two", 3: "three", 4: "four"}
+    return [f"| YNNPACK (XLA's default) | {total[YNN]['forward']:.1f} ms | {total[YNN]['fwd+bwd']:.1f} ms |",
+            f"| Eigen | {total[EIGEN]['forward']:.1f} ms | {total[EIGEN]['fwd+bwd']:.1f} ms |",
+            quote("Eigen saves", f"{sum(g for _, g in gain):.1f} ms", f"{sum(g for h, g in gain if h == 32):.1f} ms",
+                  "32 px", words.get(len(worse), str(len(worse))),
+                  *(f"{conv_ms(r, EIGEN, 'fwd+bwd'):.2f}" + (" ms" if i == 0 else "") for i, r in enumerate(rgb)),
+                  *(f"{conv_ms(r, YNN, 'fwd+bwd'):.2f}" for r in rgb),
+                  *(f"{conv_ms(r, EIGEN, 'forward'):.2f} ms" for r in rgb),
+                  *(f"{conv_ms(r, YNN, 'forward'):.2f}" for r in rgb),
+                  *(f"{r['lhs'][1]} px" for r in rest),
+                  *(f"{conv_ms(r, path, 'fwd+bwd'):.2f}" for r in rest for path in (EIGEN, YNN)))]
+
+
+@check("docs/perf/decisions.md")
+def perf_decisions_conv_paths(root):
+    total = record(root, CONV_PATHS)["totals_ms"]
+    return quote("the default U-Net's dense convolutions with both gradients", f"{total[EIGEN]['fwd+bwd']:.0f} ms",
+                 f"{total[YNN]['fwd+bwd']:.0f} ms")
+
+
+OBJECTIVE_NAMES = {"v": "v", "x0": "x0", "eps+min-snr": "eps + Min-SNR-5",
+                   "v+min-snr+offset": "v + Min-SNR-5 + offset noise 0.1"}
+
+
+@check(PERF)
+def perf_amd_objectives(root):
+    rec = record(root, AMD_OBJECTIVES)
+    lines = ["| JAX objective | / JAX eps: median (min-max) | / PyTorch eager |", "|---|---|---|",
+             f"| eps (the default peer) | 1 | {ratio_text(bench_row(rec, 'train_step')['ratio'])} |"]
+    against_eps = []
+    for spec, name in OBJECTIVE_NAMES.items():
+        peer = f"JAX, objective {spec}"
+        eps = bench_row(rec, "train_step", f"{peer} / JAX")["ratio"]
+        against_eps.append(eps["median"])
+        eager = bench_row(rec, "train_step", f"{peer} / PyTorch eager")["ratio"]
+        lines.append(f"| {name} | {ratio_text(eps)} | {ratio_text(eager)} |")
+    return ["\n".join(lines),
+            quote("Every median is within", f"{-(-max(abs(m - 1) for m in against_eps) * 100 // 1):.0f}%"),
+            quote("In the same run JAX's forward took", ratio_text(bench_row(rec, "forward")["ratio"]),
+                  ratio_text(bench_row(rec, "sample_1000")["ratio"]))]
+
+
+@check(PERF)
+def perf_amd_sequential(root):
+    seq, amd = record(root, AMD_SEQUENTIAL), record(root, AMD_OBJECTIVES)
+    keys = ("train_step_ratio_jax_over_torch", "forward_ratio_jax_over_torch", "sample_ratio_jax_over_torch")
+    return quote("`docs/perf/bench_cpu_amd_epyc_sequential.json`: train step", *(f"{seq[k]:.2f}" for k in keys),
+                 *(f"{bench_ratio(amd, w):.2f}" for w in BENCH_WORKLOADS))
+
+
+@check(PERF)
+def perf_h200(root):
+    fp32, bf16 = record(root, H200["fp32"]), record(root, H200["bf16"])
+    rows = (("train step", "train_step", "train_step_ratio_jax_over_torch", "{:.3f} s"),
+            ("forward", "forward", "forward_ratio_jax_over_torch", "{:.3f} s"),
+            ("DDPM sampling, 1000 steps of 16 images", "sample_1000", "sample_ratio_jax_over_torch", "{:.1f} s"))
+    lines = ["| workload (H200, article config) | PyTorch eager fp32 | JAX fp32 | JAX / eager | JAX bf16 "
+             "| JAX bf16 / eager fp32 (mixed precisions) |", "|---|---|---|---|---|---|"]
+    for name, key, ratio, fmt in rows:
+        lines.append(f"| {name} | {fmt.format(fp32['seconds']['torch_eager'][key])} | "
+                     f"{fmt.format(fp32['seconds']['jax'][key])} | {fp32[ratio]:.2f} | "
+                     f"{fmt.format(bf16['seconds']['jax'][key])} | {bf16[ratio]:.2f} |")
+    return "\n".join(lines)
+
 
 # ---- running them ----
 
