@@ -63,7 +63,7 @@ def _not_for_users(record: logging.LogRecord) -> bool:
 def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     """Orbax's PyTree handler for each item; on a CPU, one replica writes each array. There Orbax by default
     splits the writing of a replicated array over its replicas, with one eager slice per array and replica,
-    which made a save with one JAX device per core much slower (docs/perf/decisions.md). The files are the same
+    which made a save with one JAX device per core slower. The files are the same
     either way. Elsewhere Orbax's default stays."""
     arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False if jax.default_backend() == "cpu" else None)
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=ocp.type_handlers.create_type_handler_registry(

@@ -5,7 +5,7 @@ XLA compiles `lax.conv_general_dilated(..., feature_group_count=C)` well on no b
 * on CPU it is many times slower than elementwise code doing the same arithmetic, forward and backward
   (jax#23713, flax#4207);
 * on GPU its kernel gradient is cuDNN's grouped backward-filter kernel, as slow as a dense one
-  (jax#13800), and on the GPU measured it took more than half of the article config's fp32 train step.
+  (jax#13800), which dominated the article config's fp32 train step in a profile on an H200.
 
 So the op has four implementations (`impl`); the measurements behind the choices are in docs/perf/decisions.md:
 

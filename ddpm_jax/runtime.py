@@ -40,10 +40,10 @@ def use_cpu_cores_as_devices(batch_size: int) -> int | None:
     """Give JAX's CPU backend one device per core (up to the largest count that divides `batch_size`).
 
     The trainer is data parallel over devices; on a CPU, two devices on two cores run two halves of the
-    batch at once, where one device leaves part of the cores idle between and inside XLA's ops (measured
-    on 2 cores, TwoResUNet dim 32, batch 16: see docs/performance.md). It changes only the CPU backend. It
-    does nothing if JAX_NUM_CPU_DEVICES or XLA_FLAGS already set the count, or if JAX has already started
-    its backends (as when called from a program that ran JAX code before). Returns the count set, or None.
+    batch at once, where one device leaves part of the cores idle between and inside XLA's ops. It changes
+    only the CPU backend. It does nothing if JAX_NUM_CPU_DEVICES or XLA_FLAGS already set the count, or if JAX
+    has already started its backends (as when called from a program that ran JAX code before). Returns the count
+    set, or None.
     """
     if "JAX_NUM_CPU_DEVICES" in os.environ or "device_count" in os.environ.get("XLA_FLAGS", ""):
         return None
@@ -94,9 +94,9 @@ def enable_compilation_cache() -> None:
 
 
 # XLA:CPU hands dense convolutions to YNNPACK by default. Through XLA's Eigen convolution instead (oneDNN's
-# sgemm inside) the default U-Net's dense convolutions with both gradients are faster, and so is the train
-# step; forward-only programs (the sampler) were slower that way, so they keep XLA's default. Dots and
-# reductions stay with YNNPACK. The measurements: docs/perf/decisions.md.
+# sgemm inside) the U-Net's dense convolutions with both gradients are faster (docs/perf/conv_paths_intel.md);
+# forward-only programs (the sampler) were slower that way, so they keep XLA's default. Dots and reductions stay
+# with YNNPACK.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 # With one JAX device per core every device is busy at once: Eigen's own threads would only contend.
 _ONE_THREAD_PER_DEVICE = {"xla_cpu_multi_thread_eigen": False}
@@ -124,8 +124,7 @@ def training_compiler_options() -> dict:
 def run_once_compiler_options() -> dict:
     """Options for `jax.jit(..., compiler_options=...)` of a program that runs once, such as the model's random
     initialisation. XLA:CPU spends most of such a compile optimising machine code that will run for
-    milliseconds, so on CPU LLVM's optimisations are turned off (docs/perf/decisions.md has the compile times).
-    Results can then differ from the optimised program's by float32 rounding. Elsewhere, none."""
+    milliseconds, so on CPU LLVM's optimisations are turned off. Results can then differ from the optimised program's by float32 rounding. Elsewhere, none."""
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
