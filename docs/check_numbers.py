@@ -87,6 +87,48 @@ def mean(values) -> float:
 
 # -- README.md --
 
+README = "README.md"
+
+
+@check(README)
+def readme_parity_and_conversion(root):
+    forward = max(c["worst"] for name, c in record(root, "docs/parity/worst_errors.json")["concerns"].items()
+                  if name.startswith("forward"))
+    conversion = record(root, "docs/convert/article_checkpoint.json")
+    worst = {re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{c['worst_difference']:.1e}") for c in conversion["conversions"]}
+    return [quote("forward passes agree within", re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{forward:.1e}")),
+            quote("On an article-size checkpoint", f"{conversion['model']['parameters'] / 1e6:.1f}M",
+                  worst.pop() if len(worst) == 1 else "the two conversions differ")]
+
+
+@check(README)
+def readme_speed(root):
+    six, amd, fp32 = record(root, INTEL_SIX), record(root, AMD_OBJECTIVES), record(root, H200["fp32"])
+    return [quote("**Speed on CPUs**", *(span(runs_medians(root, w)) + "x" for w in BENCH_WORKLOADS),
+                  *(f"{bench_ratio(amd, w):.2f}x" for w in BENCH_WORKLOADS),
+                  f"{bench_ratio(six, 'train_step', 'JAX / torch.compile'):.2f}x",
+                  *(f"{bench_ratio(six, w, 'JAX bf16 / PyTorch eager, autocast bf16'):.2f}x"
+                    for w in ("train_step", "forward"))),
+            quote("**Speed on a GPU**", fp32["config"]["jax"],
+                  *(f"{fp32[f'{w}_ratio_jax_over_torch']:.2f}" for w in ("train_step", "forward", "sample")))]
+
+
+@check(README)
+def readme_train_time(root):
+    runs = [record(root, f"docs/perf/train_time_amd_epyc_{i}.json") for i in (1, 2)]
+    return quote("The whole `python train.py` process took",
+                 *(f"{int(r['seconds'] // 60)} min {r['seconds'] % 60:.0f} s" for r in runs),
+                 *(f"{r['median_images_per_s']:.0f}" for r in runs))
+
+
+@check(README)
+def readme_objectives(root):
+    data = mean(record(root, f"{OBJECTIVES}/{p.name}")["scoring"]["data_against_data_swd"]
+                for p in (root / OBJECTIVES).glob("v+min-snr_seed*.json"))
+    return quote("The default run's SWD is", *(f"{mean(objective_swds(root, arm, sampler)) / data:.2f}x"
+                                                for arm in ("v+min-snr", "eps") for sampler in (SDE, ODE)))
+
+
 # -- docs/training.md --
 
 OBJECTIVES = "docs/training/objectives"
