@@ -153,11 +153,11 @@ def plot(record: Path, objectives: Path, out: Path) -> None:
                    f"a set,\n{m['devices']} devices of a {m['cores']}-core {m['cpu']}", fontsize=9)
     for arm, colour in (("v+min-snr", "tab:green"), ("edm", "tab:purple")):
         runs = [r for r in compare_objectives.records(objectives) if r["arm"] == arm and "scores" in r]
-        for name in runs[0]["scores"] if runs else []:
-            xs = [seconds_per_set(r["scores"][name]) for r in runs]
-            ys = [statistics.mean(s["swd"] for s in r["scores"][name]) for r in runs]
+        for sampler in runs[0]["scores"] if runs else []:
+            xs = [seconds_per_set(r["scores"][sampler]) for r in runs]
+            ys = [statistics.mean(s["swd"] for s in r["scores"][sampler]) for r in runs]
             right.scatter(xs, ys, color=colour, s=14, alpha=0.6)
-            right.annotate(f"{arm}: {name}", (statistics.mean(xs), statistics.mean(ys)), fontsize=7, xytext=(4, 2),
+            right.annotate(f"{arm}: {sampler}", (statistics.mean(xs), statistics.mean(ys)), fontsize=7, xytext=(4, 2),
                            textcoords="offset points")
     cpu = next((r["scoring"]["machine"]["cpu"] for r in compare_objectives.records(objectives) if "scoring" in r), "")
     right.set_title(f"objectives study: each training seed, 256 images a set,\none device on one core of a {cpu}",

@@ -122,7 +122,7 @@ def table(records: Path) -> str:
             rows.append(f"| {steps:,} | {sampler} | {', '.join(str(r['seed']) for r in runs)} | {cell} | "
                         f"{statistics.mean(swds) / data:.2f}x | {colour:.1f} | "
                         f"{f'{statistics.mean(losses):.4f}' if losses else '-'} | "
-                        f"{min(walls):.0f}-{max(walls):.0f} min |")
+                        f"{min(walls):.0f}{f'-{max(walls):.0f}' if len(walls) > 1 else ''} min |")
     return "\n".join(rows)
 
 
