@@ -129,6 +129,12 @@ def readme_objectives(root):
                                                 for arm in ("v+min-snr", "eps") for sampler in (SDE, ODE)))
 
 
+@check(README)
+def readme_length(root):
+    return quote("Training longer does not lower SWD:", *(f1(mean(length_swds(root, n, SDE))) for n in (4500, 9000)),
+                 *(f1(mean(length_swds(root, n, SDE))) for n in (500, 1000, 2000)))
+
+
 # -- docs/training.md --
 
 OBJECTIVES = "docs/training/objectives"
@@ -251,9 +257,301 @@ def objectives_screen(root):
                  first("eps+min-snr", ODE))
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def train_time_table(root: Path) -> str:
+    """training.md's table of benchmarks/train_time.py's records."""
+    rows = ["| record | wall time | median steps/s | median images/s | commit |", "|---|---|---|---|---|"]
+    for path in sorted((root / "docs/perf").glob("train_time_*.json")):
+        r = record(root, f"docs/perf/{path.name}")
+        rows.append(f"| [{path.name}](perf/{path.name}) | {minutes(r['seconds'])} | {r['median_steps_per_s']:.1f} | "
+                    f"{r['median_images_per_s']:.0f} | {r['machine']['commit'][:7]} |")
+    return "\n".join(rows)
+
+
+@check("docs/training.md")
+def training_time(root):
+    return train_time_table(root)
+
+
+@check("docs/training.md")
+def objectives_data_against_data(root):
+    data = {f1(record(root, f"{OBJECTIVES}/{p.name}")["scoring"]["data_against_data_swd"])
+            for p in (root / OBJECTIVES).glob("*.json")}
+    return quote("the data against the data scores", data.pop() if len(data) == 1 else "the records disagree")
+
+
+LENGTH = "docs/training/length"
+
+
+def length_points(root: Path) -> dict:
+    import training_length
+
+    return training_length.points(folder(root, LENGTH))
+
+
+def length_swds(root: Path, steps: int, sampler: str) -> list[float]:
+    import training_length
+
+    return training_length.swd_per_seed(length_points(root)[steps], sampler)
+
+
+@check("docs/training.md")
+def length_table(root):
+    import training_length
+
+    return training_length.table(folder(root, LENGTH))
+
+
+@check("docs/training.md")
+def length_reproduces_objectives(root):
+    rerun, original = (record(root, path) for path in (f"{LENGTH}/steps4500_seed0.json",
+                                                       f"{OBJECTIVES}/v+min-snr_seed0.json"))
+    def scores(r):  # the wall times differ
+        return {sampler: [(x["swd"], x["colour_w1"]) for x in sets] for sampler, sets in r["scores"].items()}
+
+    same = (scores(rerun) == scores(original)
+            and rerun["training"]["loss_last_600_steps"] == original["training"]["loss_last_600_steps"])
+    return "reproduced the objectives study's v + Min-SNR-5 seed 0 run exactly" if same else "(the two records differ)"
+
+
+@check("docs/training.md")
+def length_findings(root):
+    steps = list(length_points(root))
+    sde = {n: length_swds(root, n, SDE) for n in steps}
+    ode = {n: length_swds(root, n, ODE) for n in steps}
+    loss = {n: record(root, f"{LENGTH}/steps{n}_seed0.json")["held_out_loss"][-1]["ema"] for n in (4500, 9000)}
+    return [quote("**SWD falls steeply to 2,000 steps and stops falling after 4,500.**", *(f1(mean(sde[n])) for n in steps),
+                  f1(mean(sde[9000]) - mean(sde[4500])), f1(spread(sde[4500])), f1(mean(ode[4500])),
+                  f1(mean(ode[9000])), f1(spread(ode[4500])), f"{loss[4500]:.4f}", f"{loss[9000]:.4f}"),
+            quote("**Training seeds differ most early:**", *(f1(spread(sde[n])) for n in (500, 1000, 2000, 4500)))]
+
+
+@check("docs/training.md")
+def length_loss(root):
+    r = record(root, f"{LENGTH}/steps4500_seed0.json")
+    held = {h["step"]: h for h in r["held_out_loss"]}
+    return quote("**The EMA weights lead the raw ones", f"{held[1000]['ema']:.4f}", f"{held[1000]['raw']:.4f}",
+                 f"{held[4500]['ema']:.4f}", f"{held[500]['ema']:.4f}", f"{held[2000]['ema']:.4f}",
+                 f"{r['training']['loss_last_600_steps']:.4f}")
+
 # -- docs/quality.md --
 
-# -- docs/sampling.md --
+TRAINERS = "docs/quality/results.json"
+
+
+def pct_change(a: float, b: float) -> str:
+    return f"{(a / b - 1) * 100:+.1f}%"
+
+
+@check(README)
+def readme_trainers(root):
+    r = record(root, TRAINERS)
+    held, sets = r["held_out_loss"], r["swd_sets"]
+    return quote("the JAX trainer and a PyTorch loop over the reference", f"{r['config']['steps']:,}",
+                 f"{abs(held['jax'] / held['torch'] - 1) * 100:.1f}%",
+                 f"{abs(mean(sets['jax']) / mean(sets['torch']) - 1) * 100:.1f}%")
+
+
+def trainers_table(root: Path) -> str:
+    """quality.md's table of experiments/compare_trainers.py's record."""
+    r = record(root, TRAINERS)
+    c, sets, colour = r["config"], r["swd_sets"], r["colour"]
+    sampler = f"DDIM-{c['sampling_steps']} (eta {c['eta']:g})" if c["sampler"] == "ddim" else "DDPM"
+    jax_swd, torch_swd = mean(sets["jax"]), mean(sets["torch"])
+    jax_colour, torch_colour = ([x["colour_w1"] for x in colour[k]] for k in ("jax", "torch"))
+    loss = r["final_train_loss"]
+    return "\n".join([
+        f"| default preset with `--prediction eps`, {c['steps']:,} steps, batch {c['batch_size']}, "
+        f"{r['machine']['cores']}-core {r['machine']['cpu']} | JAX trainer | PyTorch loop | JAX vs PyTorch |",
+        "|---|---|---|---|",
+        f"| final training loss (mean of the last {c['steps'] // 5:,} steps) | {loss['JAX']:.4f} | "
+        f"{loss['PyTorch']:.4f} | {pct_change(loss['JAX'], loss['PyTorch'])} |",
+        f"| held-out loss (EMA; 1,024 fixed image, t, noise triples) | {r['held_out_loss']['jax']:.5f} | "
+        f"{r['held_out_loss']['torch']:.5f} | {pct_change(r['held_out_loss']['jax'], r['held_out_loss']['torch'])} |",
+        f"| SWD, {len(sets['jax'])} sets of 256 {sampler} samples vs 256 held-out tiles: mean (each set) | "
+        f"{f1(jax_swd)} ({', '.join(map(f1, sets['jax']))}) | {f1(torch_swd)} ({', '.join(map(f1, sets['torch']))}) "
+        f"| {pct_change(jax_swd, torch_swd)} |",
+        f"| SWD, 256 training tiles vs the same held-out tiles (baseline) | {f1(r['swd_data_baseline']['swd'])} | | |",
+        f"| colour W1 of the same sets: mean (each set); baseline {colour['baseline']['colour_w1']:.1f} | "
+        f"{f1(mean(jax_colour))} ({', '.join(map(f1, jax_colour))}) | "
+        f"{f1(mean(torch_colour))} ({', '.join(map(f1, torch_colour))}) | |",
+    ])
+
+
+@check("docs/quality.md")
+def quality_trainers_table(root):
+    return trainers_table(root)
+
+
+@check("docs/quality.md")
+def quality_trainers_findings(root):
+    r = record(root, TRAINERS)
+    sets, loss, held = r["swd_sets"], r["final_train_loss"], r["held_out_loss"]
+    colours = [mean(x["colour_w1"] for x in r["colour"][k]) for k in ("jax", "torch")]
+    first, data = r["swd_jax"]["levels"], r["swd_data_baseline"]["levels"]
+
+    def gap(a, b):
+        return f"{abs(a / b - 1) * 100:.1f}%"
+
+    return [quote("The two trainers learn the same thing.", gap(loss["JAX"], loss["PyTorch"]),
+                  gap(held["jax"], held["torch"]), gap(mean(sets["jax"]), mean(sets["torch"])),
+                  f1(min(sets["torch"])), f1(max(sets["torch"])), f1(min(sets["jax"])), f1(max(sets["jax"])),
+                  *map(f1, colours)),
+            quote("Neither reaches the data in", f"{mean(sets['jax']) / r['swd_data_baseline']['swd']:.2f}x",
+                  f1(first["16"]), f1(data["16"]), f1(first["32"]), f1(data["32"]))]
+
+
+@check("docs/quality.md")
+def quality_metrics(root):
+    r = record(root, TRAINERS)
+    return [quote("256 training tiles against 256 held-out tiles score", f1(r["swd_data_baseline"]["swd"])),
+            quote("Data against data:", f"{r['colour']['baseline']['colour_w1']:.1f}")]
+
+
+def trainers_samplers_table(root: Path) -> str:
+    """quality.md's table of the samplers compare_trainers.py ran on the JAX model (its first sample set)."""
+    r = record(root, TRAINERS)
+    rows = {k.removeprefix("sampler_"): v for k, v in r.items() if k.startswith("sampler_")}
+    rows = dict(sorted(rows.items(), key=lambda kv: (kv[0].startswith("ddpm"), int(kv[0].lstrip("dimp")))))
+    ddpm = rows.get("ddpm1000", {}).get("swd")
+    lines = ["| sampler (JAX EMA model) | SWD vs held-out | vs DDPM 1000 | wall, 256 images, compile included |",
+             "|---|---|---|---|"]
+    for name, v in rows.items():
+        label = f"DDIM {name.removeprefix('ddim')} steps, eta {r['config']['eta']:g}" if name.startswith("ddim") else \
+            "DDPM 1000 steps (the article's sampler)"
+        versus = f"{(v['swd'] / ddpm - 1) * 100:+.0f}%" if ddpm and name != "ddpm1000" else ""
+        lines.append(f"| {label} | {f1(v['swd'])} | {versus} | {v['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+@check("docs/quality.md")
+def quality_samplers_table(root):
+    return trainers_samplers_table(root)
+
+
+@check("docs/quality.md")
+def quality_samplers_findings(root):
+    r = record(root, TRAINERS)
+    swd = {n: r[f"sampler_{n}"]["swd"] for n in ("ddim10", "ddim25", "ddim50", "ddim100", "ddpm1000")}
+    seconds = {n: r[f"sampler_{n}"]["seconds"] for n in ("ddim50", "ddim100", "ddpm1000")}
+    sets = r["swd_sets"]["jax"]
+    return quote("From 50 steps on, DDIM at eta 1", f1(swd["ddim50"]), f1(swd["ddim100"]), f1(swd["ddpm1000"]),
+                 *(f"{seconds[n]:.0f} s" for n in ("ddim50", "ddim100", "ddpm1000")),
+                 f"{(swd['ddim25'] / swd['ddpm1000'] - 1) * 100:.0f}%", f1(swd["ddim25"]), f1(swd["ddim10"]),
+                 f1(min(sets)), f1(max(sets)))
+
+
+BLIND = "docs/quality/blind_check.json"
+
+
+@check("docs/quality.md")
+def quality_blind_check(root):
+    import blind_check
+
+    answers = record(root, BLIND)["answers"]
+    rating = {name: f1(mean(a["rating"] for a in by.values())) for name, by in answers.items()}
+    return [blind_check.table(root / BLIND),
+            quote("**The ratings rise with training length**", *(rating[name] for name in list(answers)[1:6]),
+                  rating["held-out tiles"]),
+            quote("**The reviewers did not tell the two trainers apart**", rating["JAX trainer, eps, 3,000 steps"])]
+
+
+@check("docs/training.md")
+def length_blind_check(root):
+    answers = record(root, BLIND)["answers"]
+    lengths = [mean(a["rating"] for a in by.values()) for name, by in answers.items() if "steps, training seed" in name]
+    return quote("Three blind reviewers rated these grids", f1(min(lengths)), f1(max(lengths)),
+                 f1(mean(a["rating"] for a in answers["held-out tiles"].values())))
+
+
+# -- docs/sampling.md --  (the EDM samplers' table reads the objectives records, as training.md's does)
+
+SAMPLERS_RECORD, SPACINGS_RECORD = "docs/sampling/samplers.json", "docs/sampling/spacings.json"
+
+
+@check("docs/sampling.md")
+def sampling_tables(root):
+    import compare_samplers
+
+    return [compare_samplers.table(record(root, SAMPLERS_RECORD), compare_samplers.CONFIGS),
+            compare_samplers.table(record(root, SPACINGS_RECORD), compare_samplers.SPACING_CONFIGS)]
+
+
+def seeds_cell(values: list[float]) -> str:
+    return ", ".join(map(f1, values)) + (f" ({f1(mean(values))}, {f1(spread(values))})" if len(values) > 1 else "")
+
+
+@check(README)
+def readme_samplers(root):
+    import compare_samplers
+
+    r = record(root, SAMPLERS_RECORD)
+    keys = [compare_samplers.name(*c) for c in compare_samplers.CONFIGS if c[1] >= 20]
+    means = [mean(s["swd"] for s in r[key]["sets"]) for key in keys]
+    seconds = {key: compare_samplers.seconds_per_set(r[key]["sets"]) for key in (SDE, "ddpm 1000")}
+    return quote("On the default preset's model, every sampler at 20 steps or more", f"{min(means):.1f}-{max(means):.1f}",
+                 f"{seconds['ddpm 1000'] / seconds[SDE]:.0f}x")
+
+
+@check("docs/sampling.md")
+def sampling_which_findings(root):
+    import compare_samplers
+
+    r = record(root, SAMPLERS_RECORD)
+    swd = {key: [s["swd"] for s in r[key]["sets"]] for key in map(lambda c: compare_samplers.name(*c),
+                                                                   compare_samplers.CONFIGS)}
+    seconds = {key: compare_samplers.seconds_per_set(r[key]["sets"]) for key in swd}
+    longer = [key for key in swd if int(key.split()[1]) >= 20]
+    widest = max(longer, key=lambda key: spread(swd[key]))
+    means = {key: mean(values) for key, values in swd.items()}
+    return [quote("**Every sampler at 20 steps or more scores alike", f1(min(means[k] for k in longer)),
+                  f1(max(means[k] for k in longer)), f1(spread(swd[widest])), f1(means[SDE]), f"{seconds[SDE]:.1f}",
+                  f1(means[ODE]), f"{seconds[ODE]:.1f}"),
+            quote("**10 steps cost quality:**", f1(means["dpmsolver++ 10"]), f1(means["sde-dpmsolver++ 10"])),
+            quote("**The article's DDPM-1000**", f1(means["ddpm 1000"]), f"{seconds['ddpm 1000']:.1f}",
+                  f"{seconds['ddpm 1000'] / seconds[SDE]:.0f}x"),
+            quote("**Deterministic samplers need a v model.**", *(f1(mean(objective_swds(root, "eps", sampler)))
+                                                                  for sampler in (ODE, SDE)))]
+
+
+@check("docs/sampling.md")
+def sampling_edm_table(root):
+    from compare_objectives import network_calls
+
+    rows = ["| model | sampler | network calls | training seeds | SWD per training seed (mean, range) | colour W1 |",
+            "|---|---|---|---|---|---|"]
+    models = [("EDM", "edm", EDM_SAMPLERS), ("EDM, c_noise scale 250", "edm+c250", EDM_SAMPLERS),
+              ("v + Min-SNR-5 (the default)", "v+min-snr", (SDE, ODE))]
+    shown = {SDE: "SDE-DPM-Solver++ 20", ODE: "DPM-Solver++ (ODE) 20"}
+    for label, arm, samplers in models:
+        seeds = ", ".join(str(r["seed"]) for r in sorted(
+            (record(root, f"{OBJECTIVES}/{p.name}") for p in (root / OBJECTIVES).glob(f"{arm}_seed*.json")),
+            key=lambda r: r["seed"]) if r["arm"] == arm)
+        for sampler in samplers:
+            rows.append(f"| {label} | {shown.get(sampler, sampler)} | {network_calls(sampler)} | {seeds} | "
+                        f"{seeds_cell(objective_swds(root, arm, sampler))} | "
+                        f"{f1(mean(objective_swds(root, arm, sampler, 'colour_w1')))} |")
+    return "\n".join(rows)
+
+
+@check("docs/sampling.md")
+def sampling_edm_findings(root):
+    euler, heun18 = objective_swds(root, "edm", "euler 20 churn"), objective_swds(root, "edm", "heun 18")
+    heun9, heun9_churn = objective_swds(root, "edm", "heun 9"), objective_swds(root, "edm", "heun 9 churn")
+    default = [x for sampler in (SDE, ODE) for x in objective_swds(root, "v+min-snr", sampler)]
+    colours = {(arm, sampler): mean(objective_swds(root, arm, sampler, "colour_w1"))
+               for arm in ("edm", "edm+c250") for sampler in EDM_SAMPLERS}
+    heun18_colour = colours.pop(("edm", "heun 18"))
+    return [quote("Euler with churn is EDM's best row by the mean:", f1(mean(euler)), f1(mean(heun18)), f1(euler[2]),
+                  f1(heun18[2]), *(f1(x) for pair in zip(heun9_churn, heun9) for x in pair)),
+            quote("No EDM sampler reaches the default's samples:", f1(min(default)), f1(max(default)),
+                  f1(heun18_colour), f1(min(colours.values())), f1(max(colours.values())),
+                  f1(mean(objective_swds(root, "v+min-snr", SDE, "colour_w1"))),
+                  f1(mean(objective_swds(root, "v+min-snr", ODE, "colour_w1"))))]
+
 
 # -- docs/parity.md --
 

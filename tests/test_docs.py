@@ -18,7 +18,7 @@ def test_every_quoted_figure_matches_its_record():
 
 def test_a_changed_record_fails_the_page_that_quotes_it(tmp_path):
     """Every record a check reads, with its figures changed, fails at least one check: pages and records in a copy
-    of the tree, one record at a time with every float in it multiplied by 1.37."""
+    of the tree, one record at a time with every number in it multiplied by 1.37."""
     for name in ("README.md", "docs"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
     check_numbers._json.cache_clear()
@@ -36,8 +36,8 @@ def test_a_changed_record_fails_the_page_that_quotes_it(tmp_path):
 
 
 def _bumped(value):
-    """The JSON value with every float in it multiplied by 1.37."""
-    if isinstance(value, float):
+    """The JSON value with every number in it (ratings and counts too, not booleans) multiplied by 1.37."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value * 1.37
     if isinstance(value, dict):
         return {k: _bumped(v) for k, v in value.items()}
