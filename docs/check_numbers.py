@@ -131,7 +131,7 @@ def readme_objectives(root):
 
 @check(README)
 def readme_length(root):
-    return quote("Training longer does not lower SWD:", *(f1(mean(length_swds(root, n, SDE))) for n in (4500, 9000)),
+    return quote("Training past 4,500 steps does not lower SWD", *(f1(mean(length_swds(root, n, SDE))) for n in (4500, 9000)),
                  *(f1(mean(length_swds(root, n, SDE))) for n in (500, 1000, 2000)))
 
 
@@ -456,14 +456,18 @@ def quality_blind_check(root):
     return [blind_check.table(root / BLIND),
             quote("**The ratings rise with training length**", *(rating[name] for name in list(answers)[1:6]),
                   rating["held-out tiles"]),
-            quote("**The reviewers did not tell the two trainers apart**", rating["JAX trainer, eps, 3,000 steps"])]
+            quote("**The reviewers did not tell the two trainers apart**", rating["JAX trainer, eps, 3,000 steps"],
+                  *(f"{a['rating']:g}" for a in answers["JAX trainer, eps, 3,000 steps"].values()),
+                  *(() if {k: a["rating"] for k, a in answers["JAX trainer, eps, 3,000 steps"].items()}
+                    == {k: a["rating"] for k, a in answers["PyTorch loop, eps, 3,000 steps"].items()}
+                    else ("(a reviewer rated the two trainers differently)",)))]
 
 
 @check("docs/training.md")
 def length_blind_check(root):
     answers = record(root, BLIND)["answers"]
     lengths = [mean(a["rating"] for a in by.values()) for name, by in answers.items() if "steps, training seed" in name]
-    return quote("Three blind reviewers rated these grids", f1(min(lengths)), f1(max(lengths)),
+    return quote("Three blind reviewers, shown the same samples", f1(min(lengths)), f1(max(lengths)),
                  f1(mean(a["rating"] for a in answers["held-out tiles"].values())))
 
 
@@ -497,6 +501,22 @@ def readme_samplers(root):
 
 
 @check("docs/sampling.md")
+def sampling_spacing_findings(root):
+    r = record(root, SPACINGS_RECORD)
+
+    def swd(key):
+        return mean(x["swd"] for x in r[key]["sets"])
+
+    def colour(key):
+        return f"{mean(x['colour_w1'] for x in r[key]['sets']):.2f}"
+
+    trailing = {f1(abs(swd(f"{s} trailing") - swd(s))) for s in (SDE, ODE)}
+    return quote("`leading` raised", f1(swd(SDE)), f1(swd(f"{SDE} leading")), f1(swd(ODE)), f1(swd(f"{ODE} leading")),
+                 colour(SDE), colour(f"{SDE} leading"), colour(ODE), colour(f"{ODE} leading"),
+                 trailing.pop() if len(trailing) == 1 else "trailing moved the two solvers differently")
+
+
+@check("docs/sampling.md")
 def sampling_which_findings(root):
     import compare_samplers
 
@@ -513,7 +533,9 @@ def sampling_which_findings(root):
             quote("**10 steps cost quality:**", f1(means["dpmsolver++ 10"]), f1(means["sde-dpmsolver++ 10"])),
             quote("**The article's DDPM-1000**", f1(means["ddpm 1000"]), f"{seconds['ddpm 1000']:.1f}",
                   f"{seconds['ddpm 1000'] / seconds[SDE]:.0f}x"),
-            quote("**Deterministic samplers need a v model.**", *(f1(mean(objective_swds(root, "eps", sampler)))
+            quote("The order of those two is within the noise",
+                  f"{mean(objective_swds(root, 'v+min-snr', ODE)) / mean(objective_swds(root, 'v+min-snr', SDE)):.2f}x"),
+            quote("**Deterministic samplers fail on eps models.**", *(f1(mean(objective_swds(root, "eps", sampler)))
                                                                   for sampler in (ODE, SDE)))]
 
 

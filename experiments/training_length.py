@@ -109,11 +109,14 @@ def table(records: Path) -> str:
     """Markdown: per length and sampler, each seed's SWD (mean of its sets), their mean and range, the mean over the
     data-against-data SWD, the held-out loss of the EMA weights at the end, and the training wall time."""
     rows = ["| steps | sampler | seeds | SWD per seed (mean, range) | / data-against-data | colour W1 | "
-            "held-out loss, EMA (mean) | training wall time |", "|---|---|---|---|---|---|---|---|"]
+            "held-out loss, EMA (mean of the seeds) | training wall time |", "|---|---|---|---|---|---|---|---|"]
     for steps, runs in points(records).items():
         data = statistics.mean(r["scoring"]["data_against_data_swd"] for r in runs)
         walls = [r["training"]["seconds"] / 60 for r in runs]
-        losses = [r["held_out_loss"][-1]["ema"] for r in runs if "held_out_loss" in r]
+        measured = [r for r in runs if "held_out_loss" in r]  # the objectives study's runs did not measure it
+        loss = statistics.mean(r["held_out_loss"][-1]["ema"] for r in measured) if measured else None
+        loss_cell = "-" if loss is None else f"{loss:.4f}" + (
+            "" if len(measured) == len(runs) else f" (seed {', '.join(str(r['seed']) for r in measured)})")
         for sampler in runs[0]["scores"]:
             swds = swd_per_seed(runs, sampler)
             cell = ", ".join(f"{v:.1f}" for v in swds) + (
@@ -121,7 +124,7 @@ def table(records: Path) -> str:
             colour = statistics.mean(statistics.mean(s["colour_w1"] for s in r["scores"][sampler]) for r in runs)
             rows.append(f"| {steps:,} | {sampler} | {', '.join(str(r['seed']) for r in runs)} | {cell} | "
                         f"{statistics.mean(swds) / data:.2f}x | {colour:.1f} | "
-                        f"{f'{statistics.mean(losses):.4f}' if losses else '-'} | "
+                        f"{loss_cell} | "
                         f"{min(walls):.0f}{f'-{max(walls):.0f}' if len(walls) > 1 else ''} min |")
     return "\n".join(rows)
 
