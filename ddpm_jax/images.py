@@ -71,13 +71,15 @@ def grid(images_BHWC: np.ndarray, name: str = "images") -> np.ndarray:
     return out
 
 
-def save_grid(images_BHWC: np.ndarray, path: Path) -> np.ndarray:
-    """Write `grid(images_BHWC)` as a PNG (grayscale for one channel) and return it."""
+def save_grid(images_BHWC: np.ndarray, path: Path, zoom: int = 1) -> np.ndarray:
+    """Write `grid(images_BHWC)` as a PNG (grayscale for one channel), each pixel drawn as a zoom x zoom square,
+    and return the grid (not zoomed)."""
     from PIL import Image
 
     pixels = grid(images_BHWC, str(path))
+    drawn = pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(path)
+    Image.fromarray(drawn.squeeze(-1) if drawn.shape[-1] == 1 else drawn).save(path)
     return pixels
 
 

@@ -83,6 +83,10 @@ def mean(values) -> float:
     return statistics.mean(values)
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
 # ---- the checks, page by page ----
 
 # -- README.md --
@@ -117,7 +121,7 @@ def readme_speed(root):
 def readme_train_time(root):
     runs = [record(root, f"docs/perf/train_time_amd_epyc_{i}.json") for i in (1, 2)]
     return quote("The whole `python train.py` process took",
-                 *(f"{int(r['seconds'] // 60)} min {r['seconds'] % 60:.0f} s" for r in runs),
+                 *(minutes(r["seconds"]) for r in runs),
                  *(f"{r['median_images_per_s']:.0f}" for r in runs))
 
 
@@ -255,10 +259,6 @@ def objectives_screen(root):
     return quote("Rejected in the screen (seed 0):", first("v+min-snr+offset", SDE), first("v+min-snr+offset", ODE),
                  first("v+min-snr", SDE), first("v+min-snr", ODE), first("eps+min-snr", SDE), first("eps", SDE),
                  first("eps+min-snr", ODE))
-
-
-def minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def train_time_table(root: Path) -> str:

@@ -20,22 +20,21 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_objectives import ROOT, machine  # noqa: E402
 
 TILES, ZOOM = 16, 4
-# name -> where its uint8 images (N, 32, 32, 3) come from
+# name -> where its images come from (what ddpm_jax.data.load reads, and the embedded seed)
 GRIDS = {
     "held-out tiles": ("embedded", 1),
-    "500 steps, training seed 0": ("npy", "runs/length/steps500_seed0/samples_sde-dpmsolver++_20.npy"),
-    "2,000 steps, training seed 0": ("npy", "runs/length/steps2000_seed0/samples_sde-dpmsolver++_20.npy"),
-    "4,500 steps (the default), training seed 0": ("npy", "runs/length/steps4500_seed0/samples_sde-dpmsolver++_20.npy"),
-    "9,000 steps, training seed 0": ("npy", "runs/length/steps9000_seed0/samples_sde-dpmsolver++_20.npy"),
-    "9,000 steps, training seed 1": ("npy", "runs/length/steps9000_seed1/samples_sde-dpmsolver++_20.npy"),
-    "JAX trainer, eps, 3,000 steps": ("npz", "runs/compare/jax_ddim100.npz"),
-    "PyTorch loop, eps, 3,000 steps": ("npz", "runs/compare/torch_ddim100.npz"),
+    "500 steps, training seed 0": ("runs/length/steps500_seed0/samples_sde-dpmsolver++_20.npy", 0),
+    "2,000 steps, training seed 0": ("runs/length/steps2000_seed0/samples_sde-dpmsolver++_20.npy", 0),
+    "4,500 steps (the default), training seed 0": ("runs/length/steps4500_seed0/samples_sde-dpmsolver++_20.npy", 0),
+    "9,000 steps, training seed 0": ("runs/length/steps9000_seed0/samples_sde-dpmsolver++_20.npy", 0),
+    "9,000 steps, training seed 1": ("runs/length/steps9000_seed1/samples_sde-dpmsolver++_20.npy", 0),
+    "JAX trainer, eps, 3,000 steps": ("runs/compare/jax_ddim100.npz", 0),
+    "PyTorch loop, eps, 3,000 steps": ("runs/compare/torch_ddim100.npz", 0),
 }
 REVIEWERS = ("language-model agents, each in its own session, told to open only the PNGs of its folder and given "
              "only PROMPT")
@@ -47,37 +46,21 @@ them. Answer with only a JSON list, one object per grid: {{"grid": "grid_1", "de
 "defects": "..."}}."""
 
 
-def images(name: str) -> np.ndarray:
-    kind, source = GRIDS[name]
-    if kind == "embedded":
-        from ddpm_jax.data import load
-
-        return load("embedded", 32, num=TILES, embedded_seed=source)
-    if kind == "npy":
-        return np.load(ROOT / source)[:TILES]
-    with np.load(ROOT / source) as f:
-        return f["images"][:TILES]
-
-
 def make(folder: Path, reviewers: int, seed: int) -> None:
-    from PIL import Image
-
-    from ddpm_jax.images import grid
+    from ddpm_jax.data import load
+    from ddpm_jax.images import save_grid
 
     pictures = {}
-    for name in GRIDS:
-        pixels = grid(images(name) / 255.0)
-        pictures[name] = Image.fromarray(pixels).resize((pixels.shape[1] * ZOOM, pixels.shape[0] * ZOOM),
-                                                        Image.NEAREST)
+    for name, (spec, embedded_seed) in GRIDS.items():
+        spec = spec if spec == "embedded" else str(ROOT / spec)
+        pictures[name] = load(spec, 32, num=TILES, embedded_seed=embedded_seed) / 255.0
     rng = random.Random(seed)
     key = {}
     for i in range(1, reviewers + 1):
         order = list(GRIDS)
         rng.shuffle(order)
-        out = folder / f"reviewer{i}"
-        out.mkdir(parents=True, exist_ok=True)
         for j, name in enumerate(order, 1):
-            pictures[name].save(out / f"grid_{j}.png")
+            save_grid(pictures[name], folder / f"reviewer{i}" / f"grid_{j}.png", zoom=ZOOM)
         key[f"reviewer{i}"] = {f"grid_{j}": name for j, name in enumerate(order, 1)}
     (folder / "key.json").write_text(json.dumps({"seed": seed, "key": key}, indent=2) + "\n")
     print(PROMPT.format(n=len(GRIDS), folder=f"{folder}/reviewer<i>"))

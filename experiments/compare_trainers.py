@@ -41,7 +41,7 @@ from ddpm_jax.convert import to_torch_state
 from ddpm_jax.unets import build_model
 from ddpm_jax.data import embedded_dataset, get_batch
 from ddpm_jax.evaluate import colour_distance, swd
-from ddpm_jax.images import to_uint8
+from ddpm_jax.images import save_grid, to_uint8
 from ddpm_jax.schedules import make_schedule
 from ddpm_torch import UNETS, DiffusionModel
 from ddpm_torch.training import train_step as torch_train_step
@@ -150,16 +150,6 @@ def held_out_loss(config, eval_fn, held_out: np.ndarray) -> float:
     t = rng.integers(0, config.timesteps, len(x0))
     noise = rng.standard_normal(x0.shape, dtype=np.float32)
     return float(np.mean([eval_fn(x0[i:i + 256], t[i:i + 256], noise[i:i + 256]) for i in range(0, len(x0), 256)]))
-
-
-def grid_png(images_uint8: np.ndarray, path: Path, cols: int, zoom: int) -> None:
-    """Rows of `cols` images, each pixel drawn as a zoom x zoom square."""
-    from PIL import Image
-
-    n, h, w, _ = images_uint8.shape
-    rows = n // cols
-    grid = images_uint8[: rows * cols].reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
-    Image.fromarray(grid.repeat(zoom, axis=0).repeat(zoom, axis=1)).save(path)
 
 
 def plot_losses(curves: dict, path: Path, window: int) -> None:
@@ -304,7 +294,7 @@ def main(argv=None) -> None:
         "torch": [colour_distance(held_out, torch_samples(s)[0]) for s in seeds],
     })
     for name, x in (("held_out", held_out), ("samples_jax", jax_x), ("samples_torch", torch_x)):
-        grid_png(x[:16], args.report / f"{name}_zoom.png", cols=4, zoom=4)  # 16 of each at 4x, to judge the detail
+        save_grid(x[:16] / 255.0, args.report / f"{name}_zoom.png", zoom=4)  # 16 of each at 4x, to judge the detail
     plot_losses(curves, args.report / "loss.png", config.log_every)
 
     # 3. Samplers: DDIM at several step counts against DDPM-1000, on the JAX EMA model.
@@ -318,7 +308,7 @@ def main(argv=None) -> None:
 
         cached(results, f"sampler_{sampler}{n}", results_path, score)
     if not args.skip_ddpm:
-        grid_png(jax_samples("ddpm", 1000)[0][:16], args.report / "samples_jax_ddpm1000_zoom.png", cols=4, zoom=4)
+        save_grid(jax_samples("ddpm", 1000)[0][:16] / 255.0, args.report / "samples_jax_ddpm1000_zoom.png", zoom=4)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     (args.report / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))

@@ -52,3 +52,15 @@ def test_png_writers_round_to_the_nearest_level_and_clip(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "singles" / f"{i:06d}.png")), expected[i])
     save_grid(floats[..., :1], tmp_path / "gray.png")
     assert Image.open(tmp_path / "gray.png").mode == "L"
+
+
+def test_a_zoomed_grid_draws_each_pixel_as_a_square(tmp_path):
+    """zoom=3: the PNG is the grid with every pixel a 3x3 block; the grid returned is the unzoomed one."""
+    u8 = make_images(4, size=4, seed=4)
+    returned = save_grid(u8 / 255.0, tmp_path / "zoomed.png", zoom=3)
+    drawn = np.asarray(Image.open(tmp_path / "zoomed.png"))
+    assert returned.shape == (8, 8, 3) and drawn.shape == (24, 24, 3)
+    np.testing.assert_array_equal(returned[:4, :4], u8[0])
+    for dy in range(3):
+        for dx in range(3):
+            np.testing.assert_array_equal(drawn[dy::3, dx::3], returned)
