@@ -135,7 +135,8 @@ def readme_objectives(root):
 
 @check(README)
 def readme_length(root):
-    return quote("Training past 4,500 steps does not lower SWD", *(f1(mean(length_swds(root, n, SDE))) for n in (4500, 9000)),
+    return quote("Training past 4,500 steps does not lower SWD",
+                 *(f1(mean(length_swds(root, n, SDE))) for n in (4500, 9000)),
                  *(f1(mean(length_swds(root, n, SDE))) for n in (500, 1000, 2000)))
 
 
@@ -323,7 +324,8 @@ def length_findings(root):
     sde = {n: length_swds(root, n, SDE) for n in steps}
     ode = {n: length_swds(root, n, ODE) for n in steps}
     loss = {n: record(root, f"{LENGTH}/steps{n}_seed0.json")["held_out_loss"][-1]["ema"] for n in (4500, 9000)}
-    return [quote("**SWD falls steeply to 2,000 steps and stops falling after 4,500.**", *(f1(mean(sde[n])) for n in steps),
+    return [quote("**SWD falls steeply to 2,000 steps and stops falling after 4,500.**",
+                  *(f1(mean(sde[n])) for n in steps),
                   f1(mean(sde[9000]) - mean(sde[4500])), f1(spread(sde[4500])), f1(mean(ode[4500])),
                   f1(mean(ode[9000])), f1(spread(ode[4500])), f"{loss[4500]:.4f}", f"{loss[9000]:.4f}"),
             quote("**Training seeds differ most early:**", *(f1(spread(sde[n])) for n in (500, 1000, 2000, 4500)))]
@@ -488,15 +490,26 @@ def seeds_cell(values: list[float]) -> str:
     return ", ".join(map(f1, values)) + (f" ({f1(mean(values))}, {f1(spread(values))})" if len(values) > 1 else "")
 
 
-@check(README)
-def readme_samplers(root):
+def sampler_sets(root: Path) -> tuple[dict, dict]:
+    """The samplers record: each sampler's SWD per set, and its wall time per set (compare_samplers' reading)."""
     import compare_samplers
 
     r = record(root, SAMPLERS_RECORD)
-    keys = [compare_samplers.name(*c) for c in compare_samplers.CONFIGS if c[1] >= 20]
-    means = [mean(s["swd"] for s in r[key]["sets"]) for key in keys]
-    seconds = {key: compare_samplers.seconds_per_set(r[key]["sets"]) for key in (SDE, "ddpm 1000")}
-    return quote("On the default preset's model, every sampler at 20 steps or more", f"{min(means):.1f}-{max(means):.1f}",
+    keys = [compare_samplers.name(*c) for c in compare_samplers.CONFIGS]
+    return ({key: [s["swd"] for s in r[key]["sets"]] for key in keys},
+            {key: compare_samplers.seconds_per_set(r[key]["sets"]) for key in keys})
+
+
+def at_least_20_steps(keys) -> list[str]:
+    return [key for key in keys if int(key.split()[1]) >= 20]
+
+
+@check(README)
+def readme_samplers(root):
+    swd, seconds = sampler_sets(root)
+    means = [mean(swd[key]) for key in at_least_20_steps(swd)]
+    return quote("On the default preset's model, every sampler at 20 steps or more",
+                 f"{min(means):.1f}-{max(means):.1f}",
                  f"{seconds['ddpm 1000'] / seconds[SDE]:.0f}x")
 
 
@@ -518,13 +531,9 @@ def sampling_spacing_findings(root):
 
 @check("docs/sampling.md")
 def sampling_which_findings(root):
-    import compare_samplers
-
-    r = record(root, SAMPLERS_RECORD)
-    swd = {key: [s["swd"] for s in r[key]["sets"]] for key in map(lambda c: compare_samplers.name(*c),
-                                                                   compare_samplers.CONFIGS)}
-    seconds = {key: compare_samplers.seconds_per_set(r[key]["sets"]) for key in swd}
-    longer = [key for key in swd if int(key.split()[1]) >= 20]
+    swd, seconds = sampler_sets(root)
+    longer = at_least_20_steps(swd)
+    ratio_ode_to_sde = mean(objective_swds(root, "v+min-snr", ODE)) / mean(objective_swds(root, "v+min-snr", SDE))
     widest = max(longer, key=lambda key: spread(swd[key]))
     means = {key: mean(values) for key, values in swd.items()}
     return [quote("**Every sampler at 20 steps or more scores alike", f1(min(means[k] for k in longer)),
@@ -534,7 +543,7 @@ def sampling_which_findings(root):
             quote("**The article's DDPM-1000**", f1(means["ddpm 1000"]), f"{seconds['ddpm 1000']:.1f}",
                   f"{seconds['ddpm 1000'] / seconds[SDE]:.0f}x"),
             quote("The order of those two is within the noise",
-                  f"{mean(objective_swds(root, 'v+min-snr', ODE)) / mean(objective_swds(root, 'v+min-snr', SDE)):.2f}x"),
+                  f"{ratio_ode_to_sde:.2f}x"),
             quote("**Deterministic samplers fail on eps models.**", *(f1(mean(objective_swds(root, "eps", sampler)))
                                                                   for sampler in (ODE, SDE)))]
 
